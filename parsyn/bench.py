@@ -1,0 +1,160 @@
+"""Timing programs: time to first token by route (with its floor), and batched against one-by-one workers.
+
+Every figure is a median over repeats taken round-robin (text, cache, floor, text, ...), so slow drift
+of a shared machine hits all three alike. Results are plain dicts ready for JSON, units in their names.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .chat import DEFAULT_INSTRUCTION, ChatFormat
+from .compose import compose
+from .decode import SamplingParams
+from .model import LM
+from .rope import rope_of
+from .synthesis import prefill_over, synthesize
+from .workers import Fork, fork, from_texts
+
+FIRST_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
+
+# Filler prose for branches of a chosen length; timing does not depend on what the tokens say.
+_PROSE = (
+    "Step {i}: the worker checks the figures it was given, compares them with the earlier estimate, "
+    "and notes where the two disagree. It then explains which assumption causes the gap and how large "
+    "the effect is, before moving on to the next part of the question. "
+)
+
+
+def branch_text(lm: LM, tokens: int) -> str:
+    """A branch text of about `tokens` tokens."""
+    text, i = "", 0
+    while len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) < tokens:
+        text += _PROSE.format(i=i)
+        i += 1
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    return lm.tokenizer.decode(ids)
+
+
+def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: str = "parallel") -> dict:
+    """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor:
+    prefilling only the synthesizer's prompt over an already composed cache."""
+    f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
+    prompt = ChatFormat(lm.tokenizer).synthesis(f.question, f.system, DEFAULT_INSTRUCTION)
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    composed = compose(f.prefix, [b.kv for b in f.branches], rope_of(lm.model), layout=layout)
+
+    def floor() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            prefill_over(lm, composed, prompt_ids).logits.argmax(-1)
+        return time.perf_counter() - t0
+
+    timers = {
+        "text": lambda: synthesize(lm, f, route="text", sampling=FIRST_TOKEN).ttft_s,
+        "cache": lambda: synthesize(lm, f, route="cache", layout=layout, sampling=FIRST_TOKEN).ttft_s,
+        "floor": floor,
+    }
+    times = _round_robin(timers, repeats)
+    text, cache, low = (statistics.median(times[k]) for k in ("text", "cache", "floor"))
+    return {
+        "branches": branches,
+        "length": length,
+        "branch_tokens": [len(b.token_ids) for b in f.branches],
+        "prefix_tokens": len(f.prefix_ids),
+        "prompt_tokens": len(prompt_ids),
+        "layout": layout,
+        "text_ttft_s": text,
+        "cache_ttft_s": cache,
+        "floor_s": low,
+        "speedup": text / cache,
+        "overhead": (cache - low) / low,
+        "overhead_share_of_cache_ttft": (cache - low) / cache,
+        "repeats": repeats,
+    }
+
+
+def _round_robin(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    for timer in timers.values():  # warm-up
+        timer()
+    times: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(repeats):
+        for k, timer in timers.items():
+            times[k].append(timer())
+    return times
+
+
+def worker_speed(lm: LM, *, workers: int = 3, max_new_tokens: int = 64, repeats: int = 2) -> dict:
+    """Greedy workers decoded as one batch against the same workers one after another (same tokens)."""
+    roles = [f"Answer in detail, as expert number {i + 1}." for i in range(workers)]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    question = "Explain how a refrigerator keeps food cold."
+
+    def run(batched: bool) -> Fork:
+        return fork(lm, question, workers=workers, roles=roles, sampling=sampling, batched=batched)
+
+    run(True)  # warm-up
+    results: dict[bool, list[Fork]] = {True: [], False: []}
+    for _ in range(repeats):
+        for batched in (True, False):
+            results[batched].append(run(batched))
+    tokens = sum(b.generated for b in results[True][0].branches)
+    same = [b.token_ids for b in results[True][0].branches] == [b.token_ids for b in results[False][0].branches]
+    batched_s = statistics.median(f.prefill_s + f.decode_s for f in results[True])
+    alone_s = statistics.median(f.prefill_s + f.decode_s for f in results[False])
+    return {
+        "workers": workers,
+        "max_new_tokens": max_new_tokens,
+        "generated_tokens": tokens,
+        "same_tokens": same,
+        "batched_s": batched_s,
+        "one_by_one_s": alone_s,
+        "batched_tokens_per_s": tokens / batched_s,
+        "one_by_one_tokens_per_s": tokens / alone_s,
+        "speedup": alone_s / batched_s,
+        "repeats": repeats,
+    }
+
+
+def environment(lm: LM) -> dict:
+    import transformers
+
+    return {
+        "model": lm.name,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": str(lm.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def parse_ints(text: str, what: str) -> Sequence[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{what} needs positive integers, got '{text}'")
+    return values

@@ -1,0 +1,76 @@
+"""The text of each segment (prefix, worker turn, synthesizer turn), cut from the model's own chat template.
+
+A fork renders as one conversation: [system, user question] is the shared prefix; each branch is a
+turn (an optional user role instruction, then the assistant's answer, closed by the end-of-turn
+token); the synthesizer's prompt is a last user turn plus the generation prompt. Segments are cut
+right after each end-of-turn token, so [prefix, branch 1, ..., branch N, synthesizer] concatenated is
+exactly what the template renders for the whole conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+_MARK = "\x00parsyn-answer\x00"
+
+DEFAULT_INSTRUCTION = (
+    "The answers above were written independently. Combine them into one final answer to the question."
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Renders segments for one tokenizer; plain text when it has no chat template (base models)."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def end(self) -> str:
+        return self.tokenizer.eos_token or ""
+
+    def _render(self, messages: list[dict], generation: bool) -> str:
+        if self.tokenizer.chat_template is None:
+            return _plain(messages, generation, self.end)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    def _opening(self, question: str, system: str | None) -> list[dict]:
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+    def prefix(self, question: str, system: str | None = None) -> str:
+        """System + question, up to and including the question turn's end-of-turn token."""
+        full = self._render(self._opening(question, system), generation=False)
+        cut = full.rfind(self.end) + len(self.end) if self.end and self.end in full else len(full)
+        return full[:cut]
+
+    def turn(self, question: str, system: str | None, role: str | None) -> str:
+        """A worker's opening after the prefix: its role instruction (if any) and the assistant header."""
+        messages = self._opening(question, system) + ([{"role": "user", "content": role}] if role else [])
+        return self._after_prefix(self._render(messages, generation=True), question, system)
+
+    def branch(self, question: str, system: str | None, role: str | None, text: str) -> str:
+        """A whole branch from a ready answer text: its opening, the text and the end-of-turn token."""
+        return self.turn(question, system, role) + text + self.end
+
+    def synthesis(self, question: str, system: str | None, instruction: str) -> str:
+        """The synthesizer's own prompt after the last branch: its instruction turn and the assistant header."""
+        messages = self._opening(question, system) + [
+            {"role": "assistant", "content": _MARK},
+            {"role": "user", "content": instruction},
+        ]
+        rest = self._render(messages, generation=True).split(_MARK, 1)[1]
+        if self.end and rest.startswith(self.end):
+            return rest[len(self.end) :]
+        return rest
+
+    def _after_prefix(self, full: str, question: str, system: str | None) -> str:
+        head = self.prefix(question, system)
+        if not full.startswith(head):
+            raise ValueError("the model's chat template re-renders earlier turns; parsyn cannot cut it into segments")
+        return full[len(head) :]
+
+
+def _plain(messages: list[dict], generation: bool, end: str) -> str:
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}{end}\n" for m in messages)
+    return text + ("Assistant: " if generation else "")

@@ -1,0 +1,69 @@
+"""Composing the synthesizer's cache from the shared prefix and the branches, as a new value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .kv import KV, cat
+from .layout import place
+from .rope import Rope
+
+# A mapper calibrates one branch's K/V after re-rotation: (branch kv, branch index, number of branches) -> kv.
+Mapper = Callable[[KV, int, int], KV]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Provenance of one run of tokens in the synthesizer's context."""
+
+    source: str  # "prefix", "branch" or "prompt"
+    index: int   # branch number (0 for the prefix and the prompt)
+    start: int   # first logical position
+    length: int
+    how: str     # "reused" (K/V as computed), "rerotated" (keys moved), "mapped" (calibrated), "recomputed"
+
+
+@dataclass(frozen=True, eq=False)
+class Composed:
+    """The synthesizer's context: prefix then branches, each placed (and re-rotated or mapped) as a new
+    segment where it changed. Segments are joined into one tensor per layer only when the model first
+    runs on them (`kv.to_cache`), which saves a full copy of the cache."""
+
+    segments: tuple[KV, ...]
+    next_position: int      # first position of the synthesizer's own tokens
+    spans: tuple[Span, ...]
+
+    @property
+    def positions(self):
+        return torch.cat([s.positions for s in self.segments])
+
+    @property
+    def kv(self) -> KV:
+        """All segments concatenated into one new KV."""
+        return cat(self.segments)
+
+
+def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "parallel", mapper: Mapper | None = None) -> Composed:
+    """Place every branch under `layout`, re-rotate the keys of moved branches and optionally map them:
+    the context [prefix, branch 1, ..., branch N]. Moved or mapped branches are new tensors; the inputs
+    are never written to."""
+    placement = place(prefix.length, [b.length for b in branches], layout)
+    spans = [Span("prefix", 0, 0, prefix.length, "reused")]
+    moved = []
+    for i, (branch, start) in enumerate(zip(branches, placement.starts)):
+        if branch.batch != prefix.batch:
+            raise ValueError(f"branch {i + 1} has batch {branch.batch}, the prefix {prefix.batch}")
+        shift = start - int(branch.positions[0])
+        how = "reused"
+        if shift:
+            new = branch.positions + shift
+            branch = branch.with_keys(rope.rerotate(branch.keys, branch.positions, new), new)
+            how = "rerotated"
+        if mapper is not None:
+            branch, how = mapper(branch, i, len(branches)), "mapped"
+        moved.append(branch)
+        spans.append(Span("branch", i + 1, start, branch.length, how))
+    return Composed((prefix, *moved), placement.next_position, tuple(spans))

@@ -1,0 +1,151 @@
+"""The KV segment type, and the one boundary where parsyn meets transformers' cache classes.
+
+A `KV` is a value: per-layer keys and values of one run of tokens plus the logical positions its keys
+were rotated at. Nothing in parsyn writes into a `KV`'s tensors; operations return new segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass(frozen=True, eq=False)
+class KV:
+    keys: tuple[torch.Tensor, ...]    # per layer: [B, H_kv, T, D], rotated at `positions`
+    values: tuple[torch.Tensor, ...]  # per layer: [B, H_kv, T, D_v]
+    positions: torch.Tensor           # [T] int64 logical positions
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.values) or not self.keys:
+            raise ValueError(f"KV needs one key and one value tensor per layer, got {len(self.keys)}/{len(self.values)}")
+        t = self.positions.shape[-1]
+        for k, v in zip(self.keys, self.values):
+            if k.shape[:3] != v.shape[:3] or k.shape[2] != t:
+                raise ValueError(f"KV shapes disagree: keys {tuple(k.shape)}, values {tuple(v.shape)}, {t} positions")
+
+    @property
+    def length(self) -> int:
+        return int(self.positions.shape[-1])
+
+    @property
+    def batch(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def slice(self, start: int, end: int | None = None) -> KV:
+        """Tokens [start, end) as views (no copy); safe because nothing writes into a KV."""
+        end = self.length if end is None else end
+        return KV(
+            tuple(k[:, :, start:end] for k in self.keys),
+            tuple(v[:, :, start:end] for v in self.values),
+            self.positions[start:end],
+        )
+
+    def with_keys(self, keys: Sequence[torch.Tensor], positions: torch.Tensor) -> KV:
+        return KV(tuple(keys), self.values, positions)
+
+
+def cat(segments: Sequence[KV]) -> KV:
+    """Concatenate segments along the sequence axis into new tensors (inputs untouched)."""
+    if not segments:
+        raise ValueError("cat needs at least one KV segment")
+    first = segments[0]
+    for s in segments[1:]:
+        if s.n_layers != first.n_layers or s.batch != first.batch:
+            raise ValueError(
+                f"cannot concatenate KV of {s.n_layers} layers × batch {s.batch} "
+                f"with {first.n_layers} layers × batch {first.batch}"
+            )
+    layers = range(first.n_layers)
+    return KV(
+        tuple(torch.cat([s.keys[i] for s in segments], dim=2) for i in layers),
+        tuple(torch.cat([s.values[i] for s in segments], dim=2) for i in layers),
+        torch.cat([s.positions for s in segments]),
+    )
+
+
+def to_cache(segments: KV | Sequence[KV]) -> DynamicCache:
+    """A DynamicCache over one or more KV segments, in order, without copying them now.
+
+    Each layer joins its segments on the model's first update, in the same torch.cat that appends the
+    new tokens, so a composed cache costs one copy, not two. Safe for the caller: updates, batch
+    selection and cropping all build new tensors, so running the model never writes into a segment.
+    Built without a config on purpose: a config makes sliding-window layers truncate to the window.
+    """
+    segments = [segments] if isinstance(segments, KV) else list(segments)
+    if not segments:
+        raise ValueError("to_cache needs at least one KV segment")
+    cache = DynamicCache()
+    cache.layers = [
+        _JoinedLayer([s.keys[i] for s in segments], [s.values[i] for s in segments]) for i in range(segments[0].n_layers)
+    ]
+    return cache
+
+
+class _JoinedLayer(DynamicLayer):
+    """A DynamicLayer whose contents are several tensors until the first operation that needs one."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        super().__init__()
+        self.lazy_initialization(keys[0], values[0])
+        self._parts: tuple[list, list] | None = (keys, values)
+
+    def _join(self, new_keys: list = (), new_values: list = ()) -> None:
+        keys, values = self._parts
+        self._parts = None
+        self.keys = torch.cat([*keys, *new_keys], dim=-2)
+        self.values = torch.cat([*values, *new_values], dim=-2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._parts is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._join([key_states], [value_states])
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        if self._parts is None:
+            return super().get_seq_length()
+        return sum(k.shape[-2] for k in self._parts[0])
+
+    def _joined(self) -> None:
+        if self._parts is not None:
+            self._join()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._joined()
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._joined()
+        super().batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._joined()
+        super().crop(tokens_to_remove)
+
+
+def from_cache(cache: DynamicCache, positions: torch.Tensor, *, row: int | None = None, index=None) -> KV:
+    """Copy cached entries into a new KV: every batch row, or only `row` (kept as batch 1); the tokens at
+    `index` (a LongTensor of storage indices, default all). `positions` are the logical positions of those tokens."""
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        t = t if row is None else t[row : row + 1]
+        return t.clone() if index is None else t.index_select(2, index.to(t.device))
+
+    return KV(
+        tuple(take(layer.keys) for layer in cache.layers),
+        tuple(take(layer.values) for layer in cache.layers),
+        positions.clone(),
+    )

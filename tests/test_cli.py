@@ -1,0 +1,70 @@
+"""The command line, run as a user runs it: a real subprocess on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+pytestmark = pytest.mark.slow
+
+
+def parsyn(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "parsyn.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_run_both_routes_as_json():
+    done = parsyn("run", "What is the capital of France?", "--workers", "2", "--max-new-tokens", "16",
+                  "--role", "Answer briefly.", "--role", "Answer with one fact.", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [b["role"] for b in report["branches"]] == ["Answer briefly.", "Answer with one fact."]
+    assert all(b["text"] and b["tokens"] > b["generated"] > 0 for b in report["branches"])
+    text, cache = report["routes"]["text"], report["routes"]["cache"]
+    assert cache["layout"] == "parallel" and text["layout"] is None
+    assert text["prefill_tokens"] > cache["prefill_tokens"] > 0
+    assert [p["how"] for p in cache["provenance"]] == ["reused", "reused", "reused", "recomputed"]
+    assert report["speedup"] == pytest.approx(text["ttft_s"] / cache["ttft_s"])
+
+
+def test_run_given_branches_with_display():
+    done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter.", "--branch", "Jupiter is the largest planet.",
+                  "--route", "cache", "--layout", "sequential", "--max-new-tokens", "12")
+    assert done.returncode == 0, done.stderr
+    assert "worker 2" in done.stdout and "cache (sequential)" in done.stdout and "Jupiter is the largest" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "  "], "the question is empty"),
+        (["run", "Why?", "--workers", "0"], "need at least one worker"),
+        (["run", "Why?", "--model", "no/such/model"], "model path not found"),
+        (["run", "Why?", "--model", "tests"], "no config.json"),
+        (["run", "Why?", "--model", "GPT2"], "no rotary position embeddings"),
+        (["run", "Why?", "--branch", "many words " * 6000], "positions"),
+        (["run", "Why?", "--workers", "3", "--role", "a", "--role", "b"], "2 roles for 3 workers"),
+        (["run", "Why?", "--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, gpt2_folder):
+    done = parsyn(*[str(gpt2_folder) if a == "GPT2" else a for a in args])
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_unknown_option_values_are_usage_errors():
+    done = parsyn("run", "Why?", "--route", "telepathy")
+    assert done.returncode == 2 and "telepathy" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,101 @@
+"""The two routes: the cache route is the text route when it should be, and differs when it should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from parsyn.decode import SamplingParams
+from parsyn.synthesis import prepare, synthesize
+from parsyn.workers import Fork, fork, from_texts
+
+from conftest import FAMILIES, tiny_lm
+
+QUESTION = "Which is larger, 3 or 5?"
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+
+def assert_cache_route_is_text_route(lm, f, atol=1e-4):
+    text = prepare(lm, f, route="text")
+    cache = prepare(lm, f, route="cache", layout="sequential")
+    torch.testing.assert_close(cache.logits, text.logits, atol=atol, rtol=0)
+    a = synthesize(lm, f, route="text", sampling=GREEDY)
+    b = synthesize(lm, f, route="cache", layout="sequential", sampling=GREEDY)
+    assert a.token_ids == b.token_ids and a.answer == b.answer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_worker_sequential_cache_route_is_the_text_route(tokenizer, family):
+    lm = tiny_lm(family, tokenizer)
+    f = fork(lm, QUESTION, workers=1, sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1))
+    # the branch (plus prefix) is longer than the tiny models' 24-token windows
+    assert len(f.prefix_ids) + len(f.branches[0].token_ids) > 24
+    assert_cache_route_is_text_route(lm, f)
+
+
+@pytest.mark.slow
+def test_one_worker_sequential_cache_route_is_the_text_route_on_default_model(default_lm):
+    f = fork(default_lm, QUESTION, workers=1, sampling=SamplingParams(max_new_tokens=40, temperature=0.7, seed=2))
+    assert_cache_route_is_text_route(default_lm, f)
+
+
+@pytest.mark.slow
+def test_independent_branches_are_not_the_text_route(default_lm):
+    """With several branches the cache route reads independently computed K/V: it must differ from the
+    text route (this is what the mapper and adapter are for) — the exactness checks above can fail."""
+    f = from_texts(default_lm, QUESTION, ["5 is larger.", "3 is smaller than 5.", "The answer is 5."])
+    text = prepare(default_lm, f, route="text")
+    cache = prepare(default_lm, f, route="cache", layout="sequential")
+    assert (cache.logits - text.logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_parallel_route_does_not_depend_on_branch_order(tokenizer, family):
+    lm = tiny_lm(family, tokenizer)
+    f = fork(lm, QUESTION, workers=3, sampling=SamplingParams(max_new_tokens=20, temperature=1.0, seed=4))
+    swapped = dataclasses.replace(f, branches=tuple(reversed(f.branches)))
+    a = prepare(lm, f, route="cache", layout="parallel")
+    b = prepare(lm, swapped, route="cache", layout="parallel")
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+    assert synthesize(lm, f, sampling=GREEDY).token_ids == synthesize(lm, swapped, sampling=GREEDY).token_ids
+    # the sequential layout does depend on the order, as concatenated text would
+    c = prepare(lm, f, route="cache", layout="sequential")
+    d = prepare(lm, swapped, route="cache", layout="sequential")
+    assert (c.logits - d.logits).abs().max() > 1e-3
+
+
+def test_synthesis_never_changes_the_fork(tokenizer):
+    lm = tiny_lm("mistral", tokenizer)
+    f = fork(lm, QUESTION, workers=2, sampling=SamplingParams(max_new_tokens=10, temperature=1.0, seed=5))
+    saved = [t.clone() for b in f.branches for t in (*b.kv.keys, *b.kv.values, b.kv.positions)]
+    first = [synthesize(lm, f, layout=layout, sampling=GREEDY) for layout in ("sequential", "parallel")]
+    again = [synthesize(lm, f, layout=layout, sampling=GREEDY) for layout in ("sequential", "parallel")]
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    after = [t for b in f.branches for t in (*b.kv.keys, *b.kv.values, b.kv.positions)]
+    assert all(torch.equal(a, b) for a, b in zip(saved, after))
+
+
+def test_results_report_prefill_tokens_ttft_and_provenance(tokenizer):
+    lm = tiny_lm("qwen3", tokenizer)
+    f = from_texts(lm, QUESTION, ["five", "5 is larger than 3"])
+    text = synthesize(lm, f, route="text", sampling=GREEDY)
+    par = synthesize(lm, f, route="cache", layout="parallel", sampling=GREEDY)
+    seq = synthesize(lm, f, route="cache", layout="sequential", sampling=GREEDY)
+    n_branches = sum(len(b.token_ids) for b in f.branches)
+    assert text.prefill_tokens == len(f.prefix_ids) + n_branches + par.prefill_tokens
+    assert [s.how for s in text.provenance] == ["recomputed"] * 4
+    assert [s.how for s in par.provenance] == ["reused", "reused", "reused", "recomputed"]
+    assert [s.how for s in seq.provenance] == ["reused", "reused", "rerotated", "recomputed"]
+    assert [s.start for s in par.provenance][1:3] == [len(f.prefix_ids)] * 2
+    assert 0 < par.ttft_s <= par.total_s and 0 < text.ttft_s <= text.total_s
+
+
+def test_unknown_route_and_too_long_answers_are_refused(tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    f = from_texts(lm, QUESTION, ["5"])
+    with pytest.raises(ValueError, match="unknown route 'image'"):
+        synthesize(lm, f, route="image")
+    with pytest.raises(ValueError, match="positions"):
+        synthesize(lm, f, sampling=SamplingParams(max_new_tokens=4090))

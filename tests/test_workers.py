@@ -1,0 +1,87 @@
+"""Workers: one shared prefix, one batch, per-row stopping, and branches that hold every token's K/V."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from parsyn.decode import SamplingParams
+from parsyn.workers import fork, from_texts
+
+from conftest import tiny_lm
+
+QUESTION = "Name one planet of the solar system."
+ROLES = ("Answer in one word.", "Answer with a full sentence.", "Answer and add a fun fact.")
+
+
+def fresh_kv(lm, ids):
+    """K/V of `ids` prefilled from scratch in one plain forward: the model's own truth."""
+    with torch.inference_mode():
+        cache = lm.model(input_ids=torch.tensor([ids]), cache=DynamicCache(), use_cache=True).cache
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def assert_branches_match_fresh_prefill(lm, f, atol):
+    start = len(f.prefix_ids)
+    for b in f.branches:
+        assert b.kv.length == len(b.token_ids)
+        assert b.kv.positions.tolist() == list(range(start, start + len(b.token_ids)))
+        keys, values = fresh_kv(lm, list(f.prefix_ids) + list(b.token_ids))
+        for k, v, ck, cv in zip(b.kv.keys, b.kv.values, keys, values):
+            torch.testing.assert_close(k, ck[:, :, start:], atol=atol, rtol=0)
+            torch.testing.assert_close(v, cv[:, :, start:], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral"])
+def test_batched_branches_hold_the_kv_of_every_token(tokenizer, family):
+    lm = tiny_lm(family, tokenizer)
+    f = fork(lm, QUESTION, workers=3, roles=ROLES, sampling=SamplingParams(max_new_tokens=30, temperature=1.0, seed=3))
+    assert len({len(b.token_ids) for b in f.branches}) > 1  # rows of unequal length share the batch
+    assert_branches_match_fresh_prefill(lm, f, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_model_branches_end_closed_and_match_fresh_prefill(default_lm):
+    f = fork(default_lm, QUESTION, workers=3, roles=ROLES, sampling=SamplingParams(max_new_tokens=24, temperature=0.8, seed=1))
+    for b in f.branches:
+        assert b.token_ids[-1] in default_lm.stop_ids  # the final token is part of the branch, with its K/V
+        assert b.text and b.generated <= 24
+    assert_branches_match_fresh_prefill(default_lm, f, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_batched_workers_answer_like_workers_run_one_by_one(default_lm):
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    batched = fork(default_lm, QUESTION, workers=3, roles=ROLES, sampling=greedy)
+    alone = fork(default_lm, QUESTION, workers=3, roles=ROLES, sampling=greedy, batched=False)
+    assert [b.token_ids for b in batched.branches] == [b.token_ids for b in alone.branches]
+
+
+def test_sampling_is_seeded(tokenizer):
+    lm = tiny_lm("qwen3", tokenizer)
+    run = lambda seed: [b.token_ids for b in fork(lm, QUESTION, workers=2, sampling=SamplingParams(8, 1.0, 0.9, seed)).branches]
+    assert run(5) == run(5) and run(5) != run(6)
+
+
+def test_given_texts_are_prefilled_after_the_prefix(tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    f = from_texts(lm, QUESTION, ["Mars.", "Jupiter is the largest planet.", "Venus"])
+    assert [b.text for b in f.branches] == ["Mars.", "Jupiter is the largest planet.", "Venus"]
+    assert_branches_match_fresh_prefill(lm, f, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda lm: fork(lm, "   "), "question is empty"),
+        (lambda lm: fork(lm, QUESTION, workers=0), "at least one worker"),
+        (lambda lm: fork(lm, QUESTION, workers=3, roles=["a", "b"]), "2 roles for 3 workers"),
+        (lambda lm: fork(lm, QUESTION, workers=10**7), "GiB"),
+        (lambda lm: fork(lm, QUESTION, sampling=SamplingParams(max_new_tokens=5000)), "positions"),
+        (lambda lm: from_texts(lm, QUESTION, ["word " * 5000]), "positions"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tokenizer, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_lm("llama", tokenizer))
