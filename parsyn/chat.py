@@ -15,9 +15,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 _MARK = "\x00parsyn-answer\x00"
 
-DEFAULT_INSTRUCTION = (
-    "The answers above were written independently. Combine them into one final answer to the question."
-)
+# "{question}" is filled in with the fork's question.
+DEFAULT_INSTRUCTION = "Using the answers above, answer the question: {question}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,11 @@ class ChatFormat:
         return self.turn(question, system, role) + text + self.end
 
     def synthesis(self, question: str, system: str | None, instruction: str) -> str:
-        """The synthesizer's own prompt after the last branch: its instruction turn and the assistant header."""
+        """The synthesizer's own prompt after the last branch: its instruction turn (where "{question}"
+        stands for the question) and the assistant header."""
         messages = self._opening(question, system) + [
             {"role": "assistant", "content": _MARK},
-            {"role": "user", "content": instruction},
+            {"role": "user", "content": instruction.replace("{question}", question)},
         ]
         rest = self._render(messages, generation=True).split(_MARK, 1)[1]
         if self.end and rest.startswith(self.end):

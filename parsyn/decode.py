@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .kv import KV, from_cache
+from .kv import KV, from_cache, to_cache
 from .model import LM
 
 
@@ -80,17 +80,43 @@ def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict
     return masks[None] if None in masks else masks
 
 
-def forward_(lm: LM, state: State, ids: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor | None = None):
+def forward_(lm: LM, state: State, ids: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor | None = None, *, keep: int = 1):
     """Run `ids` [B, q] at positions `pos` [B, q] over the state's cache, appending their K/V to it (in place).
     `key_pos` gives the positions recorded for the new keys (default `pos`; -1 marks padding).
-    Returns the logits of the last column, [B, V] float32."""
+    Returns the last column's logits [B, V] float32, or with keep > 1 the last `keep` columns' [B, keep, V]."""
     state.key_pos = torch.cat([state.key_pos, pos if key_pos is None else key_pos], dim=1)
     mask = attention_mask(state.key_pos, pos, lm.windows, lm.dtype)
     out = lm.model(
-        input_ids=ids, position_ids=pos, attention_mask=mask, cache=state.cache, use_cache=True, logits_to_keep=1
+        input_ids=ids, position_ids=pos, attention_mask=mask, cache=state.cache, use_cache=True, logits_to_keep=keep
     )
     state.next_pos = pos[:, -1] + 1
-    return out.logits[:, -1].float()
+    return out.logits[:, -1].float() if keep == 1 else out.logits.float()
+
+
+def prefill_rows(lm: LM, rows: list[list[int]] | list[tuple[int, ...]], prefix: KV | None = None) -> tuple[State, torch.Tensor]:
+    """One batched forward of each row's tokens after an optional shared `prefix` (batch 1, not modified).
+
+    Rows are right-aligned: padding sits between the prefix and a short row and is masked out, so the
+    last column holds every row's next-token logits. Returns the new state and those logits [B, V]."""
+    n, width = len(rows), max(map(len, rows))
+    start = 0 if prefix is None else prefix.length
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    pos = torch.full((n, width), start, dtype=torch.long)  # padding queries see the prefix: finite, unused
+    key_pos = torch.full((n, width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        pos[i, width - len(row) :] = key_pos[i, width - len(row) :] = torch.arange(start, start + len(row))
+    dev = lm.device
+    if prefix is None:
+        state = State.empty(n, dev)
+    else:
+        shared = KV(tuple(k.expand(n, -1, -1, -1) for k in prefix.keys),
+                    tuple(v.expand(n, -1, -1, -1) for v in prefix.values), prefix.positions)
+        state = State(to_cache(shared), prefix.positions.to(dev)[None].expand(n, -1), pos[:, 0].to(dev))
+    with torch.inference_mode():
+        logits = forward_(lm, state, ids.to(dev), pos.to(dev), key_pos.to(dev))
+    return state, logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
@@ -112,6 +138,7 @@ class Decoded:
     kv: tuple[KV | None, ...]            # per row: captured K/V (when capture_from was given)
     stopped: tuple[bool, ...]            # per row: ended on a stop token (False: hit max_new_tokens)
     first_token_time: float              # time.perf_counter() when the first token was sampled
+    topk: tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...] = ()  # per row, per token: (ids, logprobs)
 
 
 def decode_(
@@ -123,13 +150,15 @@ def decode_(
     capture_from: int | None = None,
     close_turn: bool = False,
     on_token: Callable[[int, int], None] | None = None,
+    topk: int = 0,
 ) -> Decoded:
     """Sample until every row stops (a stop id or max_new_tokens), consuming `state` (mutated in place).
 
     logits: [B, V] for each row's first new token. With `capture_from`, each row's final token is fed
     too, and the row's K/V from storage index `capture_from` on (padding dropped) is returned, so a
     branch keeps the K/V of every token it holds. `close_turn` makes a row that reaches the limit end
-    on a stop token, so each branch is a closed turn. Finished rows leave the batch.
+    on a stop token, so each branch is a closed turn. Finished rows leave the batch. With `topk`, each
+    row also returns the top-k ids and log-probabilities of the distribution each token was drawn from.
     """
     stops = lm.stop_ids
     generator = torch.Generator(device=logits.device).manual_seed(params.seed)
@@ -137,11 +166,16 @@ def decode_(
     tokens: list[list[int]] = [[] for _ in rows]
     kv: list[KV | None] = [None for _ in rows]
     stopped = [False for _ in rows]
+    dists: list[list] = [[] for _ in rows]
     first = None
     with torch.inference_mode():
         while rows:
             nxt = sample(logits, params, generator)
             first = first or time.perf_counter()
+            if topk:
+                best = torch.log_softmax(logits, -1).topk(topk, dim=-1)
+                for j, r in enumerate(rows):
+                    dists[r].append((best.indices[j].cpu(), best.values[j].cpu()))
             done = []
             for j, r in enumerate(rows):
                 if close_turn and len(tokens[r]) == params.max_new_tokens - 1 and int(nxt[j]) not in stops:
@@ -163,7 +197,9 @@ def decode_(
                     kv[rows[j]] = row_kv(state, j, capture_from)
                 keep = _keep_(state, done, len(rows))
                 rows, logits = [rows[j] for j in keep], logits[keep]
-    return Decoded(tuple(map(tuple, tokens)), tuple(kv), tuple(stopped), first or time.perf_counter())
+    return Decoded(
+        tuple(map(tuple, tokens)), tuple(kv), tuple(stopped), first or time.perf_counter(), tuple(map(tuple, dists))
+    )
 
 
 def _keep_(state: State, done: list[int], n: int) -> list[int]:

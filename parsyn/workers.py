@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from .chat import ChatFormat
-from .decode import SamplingParams, State, decode_, forward_, row_kv
-from .kv import KV, from_cache, to_cache
+from .decode import SamplingParams, State, decode_, forward_, prefill_rows, row_kv
+from .kv import KV, from_cache
 from .model import LM
 
 WORKER_SAMPLING = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
@@ -74,7 +75,7 @@ def fork(
     decode_s = 0.0
     for group in groups:
         t1 = time.perf_counter()
-        state, logits = _prefill_rows(lm, prefix, [openings[i] for i in group])
+        state, logits = prefill_rows(lm, [openings[i] for i in group], prefix)
         t2 = time.perf_counter()
         report = None if on_token is None else (lambda row, tok, g=group: on_token(g[row], tok))
         out = decode_(lm, state, logits, sampling, capture_from=prefix.length, close_turn=True, on_token=report)
@@ -97,22 +98,47 @@ def from_texts(
 ) -> Fork:
     """A fork from ready branch texts (answers of workers run elsewhere): each is prefilled after the
     shared prefix, all in one batch."""
-    if not texts:
-        raise ValueError("need at least one branch text")
-    roles = _roles(roles, len(texts))
-    fmt = ChatFormat(lm.tokenizer)
-    prefix_ids = _encode(lm, fmt.prefix(_check_question(question), system))
-    segments = [_encode(lm, fmt.branch(question, system, r, t)) for r, t in zip(roles, texts)]
-    longest = len(prefix_ids) + max(map(len, segments))
+    prefix_ids, segments = encode_texts(lm, question, texts, roles=roles, system=system)
+    return from_ids(lm, question, prefix_ids, segments, texts=texts, roles=roles, system=system)
+
+
+def from_ids(
+    lm: LM,
+    question: str,
+    prefix_ids: Sequence[int],
+    branch_ids: Sequence[Sequence[int]],
+    *,
+    texts: Sequence[str] = (),
+    roles: Sequence[str] = (),
+    system: str | None = None,
+) -> Fork:
+    """A fork from exact token ids: the prefix prefilled once, then every branch after it in one batch."""
+    if not branch_ids or min(map(len, branch_ids)) < 1:
+        raise ValueError("need at least one non-empty branch")
+    roles = _roles(roles, len(branch_ids))
+    texts = list(texts) or [lm.tokenizer.decode(b, skip_special_tokens=True) for b in branch_ids]
+    longest = len(prefix_ids) + max(map(len, branch_ids))
     lm.check_positions(longest, "the prompt plus the branch texts")
-    lm.check_memory(len(texts), longest)
+    lm.check_memory(len(branch_ids), longest)
     t0 = time.perf_counter()
     prefix = _prefill_prefix(lm, prefix_ids)
-    state, _ = _prefill_rows(lm, prefix, segments)
+    state, _ = prefill_rows(lm, [tuple(b) for b in branch_ids], prefix)
     branches = tuple(
-        Branch(s, t.strip(), row_kv(state, i, prefix.length), r) for i, (s, t, r) in enumerate(zip(segments, texts, roles))
+        Branch(tuple(b), t.strip(), row_kv(state, i, prefix.length), r)
+        for i, (b, t, r) in enumerate(zip(branch_ids, texts, roles))
     )
-    return Fork(question, system, prefix_ids, prefix, branches, time.perf_counter() - t0)
+    return Fork(question, system, tuple(prefix_ids), prefix, branches, time.perf_counter() - t0)
+
+
+def encode_texts(
+    lm: LM, question: str, texts: Sequence[str], *, roles: Sequence[str] = (), system: str | None = None
+) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """Token ids of the shared prefix and of each branch built from a ready text (nothing is run)."""
+    if not texts:
+        raise ValueError("need at least one branch text")
+    fmt = ChatFormat(lm.tokenizer)
+    prefix_ids = _encode(lm, fmt.prefix(_check_question(question), system))
+    return prefix_ids, [_encode(lm, fmt.branch(question, system, r, t)) for r, t in zip(_roles(roles, len(texts)), texts)]
 
 
 def _check_question(question: str) -> str:
@@ -140,26 +166,3 @@ def _prefill_prefix(lm: LM, ids: Sequence[int]) -> KV:
     with torch.inference_mode():
         forward_(lm, state, torch.tensor([ids], device=lm.device), pos)
     return from_cache(state.cache, pos[0])
-
-
-def _prefill_rows(lm: LM, prefix: KV, rows: Sequence[Sequence[int]]) -> tuple[State, torch.Tensor]:
-    """One batched forward of each row's tokens after the shared prefix.
-
-    Rows are right-aligned (padding sits between the prefix and a short row and is masked out), so the
-    last column holds every row's next-token logits. Returns the state and those logits [B, V]."""
-    n, width, start = len(rows), max(map(len, rows)), prefix.length
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    pos = torch.full((n, width), start, dtype=torch.long)  # padding queries see the prefix: finite, unused
-    key_pos = torch.full((n, width), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        pos[i, width - len(row) :] = key_pos[i, width - len(row) :] = torch.arange(start, start + len(row))
-    dev = lm.device
-    expanded = KV(tuple(k.expand(n, -1, -1, -1) for k in prefix.keys),
-                  tuple(v.expand(n, -1, -1, -1) for v in prefix.values), prefix.positions)
-    state = State(to_cache(expanded), prefix.positions.to(dev)[None].expand(n, -1), pos[:, 0].to(dev))
-    with torch.inference_mode():
-        logits = forward_(lm, state, ids.to(dev), pos.to(dev), key_pos.to(dev))
-    return state, logits
-

@@ -1,0 +1,309 @@
+"""Self-distillation data: branches from offline datasets, synthetic facts and real workers; the teacher
+is the *text* route of the same base model, whose answers and next-token distributions the cache
+route (the student) learns to reproduce. No labels are needed.
+
+Branch structures (as in the paper's training mix): facts spread over branches; an evidence passage
+split across branches (SQuAD / DROP / BoolQ, training halves); in-context examples as branches (MMLU
+validation, ARC validation); earlier chat rounds as branches (chitchat); worker answers to one question
+(real batched workers). The set is written as JSON lines with token ids and is reused; a killed
+generation resumes after the last complete line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import datasets as D
+from ..chat import DEFAULT_INSTRUCTION, ChatFormat
+from ..decode import SamplingParams, decode_, prefill_rows
+from ..model import LM
+from ..probe import TRAIN_SEEDS, fact_item
+from ..workers import encode_texts
+
+KINDS = ("facts", "evidence", "icl", "chat", "workers")
+DEFAULT_MIX = (("facts", 0.4), ("evidence", 0.2), ("icl", 0.1), ("chat", 0.15), ("workers", 0.15))
+SPLIT_RULES = {
+    "facts": "probe.TRAIN_SEEDS (the retrieval probe draws from probe.PROBE_SEEDS)",
+    "evidence": "SQuAD, DROP and BoolQ even positions (evaluation reads odd positions)",
+    "icl": "MMLU validation and dev, ARC-Easy/Challenge validation (evaluation reads test splits)",
+    "chat": "chitchat-dataset conversations (not evaluated)",
+    "workers": "questions from MMLU validation and ARC validation",
+}
+ROLES = ("Answer briefly.", "Think step by step, then answer.", "Check each option before answering.",
+         "Explain your reasoning in one or two sentences.")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one item will hold before any model runs."""
+
+    id: str
+    kind: str
+    question: str
+    texts: tuple[str, ...] = ()     # branch texts; empty for `workers` items (workers write them)
+    roles: tuple[str, ...] = ()
+    instruction: str = DEFAULT_INSTRUCTION
+    gold: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    items: int = 2000
+    mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
+    seed: int = 0
+    answer_tokens: int = 24      # teacher's greedy answer limit
+    topk: int = 64               # teacher distribution kept per answer position
+    batch: int = 16              # items the workers and the teacher decode together
+    worker_tokens: int = 40
+    worker_temperature: float = 0.7
+
+    def __post_init__(self) -> None:
+        for kind, share in self.mix:
+            if kind not in KINDS or share < 0:
+                raise ValueError(f"bad mix entry ({kind!r}, {share}); kinds are {', '.join(KINDS)}")
+        if self.items < 1 or self.topk < 1 or self.answer_tokens < 1 or self.batch < 1:
+            raise ValueError(f"DataConfig needs positive sizes, got {self}")
+
+
+# ---------------------------------------------------------------- specs (no model)
+
+
+def specs(config: DataConfig) -> list[Spec]:
+    """The deterministic list of item specs for `config`."""
+    rng = random.Random(config.seed)
+    total = sum(s for _, s in config.mix)
+    counts = {k: round(config.items * s / total) for k, s in config.mix}
+    out: list[Spec] = []
+    for kind, count in counts.items():
+        out += BUILDERS[kind](count, random.Random(rng.randrange(2**31)))
+    random.Random(config.seed + 1).shuffle(out)
+    return out[: config.items]
+
+
+def _facts(n: int, rng: random.Random) -> list[Spec]:
+    seeds = rng.sample(TRAIN_SEEDS, n)
+    return [Spec(f.id, "facts", f.question, f.branches, gold=(f.answer,)) for f in map(fact_item, seeds)]
+
+
+def _split_passage(text: str, parts: int) -> list[str]:
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    parts = max(1, min(parts, len(sentences)))
+    size = -(-len(sentences) // parts)
+    return [" ".join(sentences[i : i + size]) for i in range(0, len(sentences), size)]
+
+
+def _evidence(n: int, rng: random.Random) -> list[Spec]:
+    pool = [(r, "squad") for r in D.squad("train")] + [(r, "drop") for r in D.drop("train")]
+    pool += [(r, "boolq") for r in D.boolq("train")]
+    out = []
+    for r, src in rng.sample(pool, min(n, len(pool))):
+        parts = _split_passage(r["passage"][:1200], rng.randint(2, 4))
+        gold = (r["answer"],) if src == "boolq" else tuple(r["answers"])
+        question = r["question"] + ("?" if src == "boolq" and not r["question"].endswith("?") else "")
+        out.append(Spec(f"{src}-{r['id']}", "evidence", question, tuple(parts), gold=gold))
+    return out
+
+
+def _mc(r: dict) -> str:
+    labels = r.get("labels") or list("ABCDE")
+    return r["question"] + "\n" + "\n".join(f"{l}. {c}" for l, c in zip(labels, r["choices"]))
+
+
+def _mc_pool() -> list[dict]:
+    return D.mmlu("validation") + D.mmlu("dev") + D.arc_validation("ARC-Easy") + D.arc_validation("ARC-Challenge")
+
+
+def _icl(n: int, rng: random.Random) -> list[Spec]:
+    pool = [r for r in _mc_pool() if len(_mc(r)) < 400]  # short examples keep items short
+    out = []
+    for i in range(n):
+        target, *shots = rng.sample(pool, rng.randint(3, 5))
+        texts = tuple(f"Example {j + 1}. {_mc(s)}\nAnswer: {s['answer']}" for j, s in enumerate(shots))
+        out.append(Spec(f"icl-{target['id']}-{i}", "icl", _mc(target) + "\nAnswer with the letter.", texts,
+                        gold=(target["answer"],)))
+    return out
+
+
+def _chat(n: int, rng: random.Random) -> list[Spec]:
+    convs = D.chats(min_rounds=6)
+    out = []
+    for i, turns in enumerate(rng.sample(convs, min(n, len(convs)))):
+        rounds = rng.randint(2, min(4, (len(turns) - 2) // 2))
+        first, body = turns[0][:400], turns[1 : 1 + 2 * rounds]
+        roles = tuple(t[:400] for t in body[1::2])  # the user's message opens each round...
+        texts = tuple(t[:400] for t in body[0::2])  # ...after the partner's reply to the previous one
+        last = turns[1 + 2 * rounds][:400]
+        out.append(Spec(f"chat-{i}", "chat", first, texts, roles, instruction=last))
+    return out
+
+
+def _workers(n: int, rng: random.Random) -> list[Spec]:
+    pool = _mc_pool()
+    out = []
+    for r in rng.sample(pool, min(n, len(pool))):
+        k = rng.randint(2, 3)
+        out.append(Spec(f"workers-{r['id']}", "workers", _mc(r), roles=tuple(rng.sample(ROLES, k)), gold=(r["answer"],)))
+    return out
+
+
+BUILDERS: dict[str, Callable[[int, random.Random], list[Spec]]] = {
+    "facts": _facts, "evidence": _evidence, "icl": _icl, "chat": _chat, "workers": _workers,
+}
+
+
+# ---------------------------------------------------------------- generation (model)
+
+
+def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `config.items` items to out/items.jsonl (resuming after the last complete line) plus a
+    manifest of the config and the split rules. Returns the JSONL path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "items.jsonl"
+    manifest = {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES}
+    _check_manifest(out / "manifest.json", manifest)
+    done = {item["id"] for item in read_items(path, on_error="skip")} if path.exists() else set()
+    _drop_partial_line(path)
+    todo = [s for s in specs(config) if s.id not in done]
+    todo.sort(key=lambda s: (s.kind == "workers", sum(len(t) for t in s.texts) + len(s.question)))  # less padding
+    total = config.items
+    with path.open("a", encoding="utf-8") as fh:
+        for start in range(0, len(todo), config.batch):
+            for record in _teach(lm, todo[start : start + config.batch], config):
+                fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            if progress:
+                progress(total - len(todo) + min(start + config.batch, len(todo)), total)
+    return path
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    if path.exists():
+        old, new = json.loads(path.read_text()), json.loads(json.dumps(manifest))
+        if old.get("config") != new["config"] or old.get("model") != new["model"]:
+            raise ValueError(f"{path.parent} holds data made with another config or model; use a new folder")
+    else:
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A generation killed mid-write leaves a last line without newline: cut it so appends stay valid."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _worker_branches(lm: LM, batch: Sequence[Spec], config: DataConfig) -> dict[str, list[tuple[tuple, tuple]]]:
+    """Run the workers of every `workers` item in the batch as one decode (rows of different prompts)."""
+    fmt = ChatFormat(lm.tokenizer)
+    rows, owners = [], []
+    for spec in batch:
+        if spec.kind == "workers":
+            prefix = lm.tokenizer(fmt.prefix(spec.question), add_special_tokens=False)["input_ids"]
+            for role in spec.roles:
+                opening = tuple(lm.tokenizer(fmt.turn(spec.question, None, role), add_special_tokens=False)["input_ids"])
+                rows.append(list(prefix) + list(opening))
+                owners.append((spec.id, opening))
+    if not rows:
+        return {}
+    state, logits = prefill_rows(lm, rows)
+    sampling = SamplingParams(config.worker_tokens, config.worker_temperature, 0.95, config.seed)
+    decoded = decode_(lm, state, logits, sampling, close_turn=True)
+    out: dict[str, list[tuple[tuple, tuple]]] = {}
+    for (owner, opening), tokens in zip(owners, decoded.tokens):
+        out.setdefault(owner, []).append((opening, tokens))  # the worker's opening and its answer
+    return out
+
+
+def _teach(lm: LM, batch: Sequence[Spec], config: DataConfig) -> Iterator[dict]:
+    """The teacher (text route, base model, greedy) on a batch of items, with its top-k distributions."""
+    fmt = ChatFormat(lm.tokenizer)
+    worked = _worker_branches(lm, batch, config)
+    rows, parts = [], []
+    for spec in batch:
+        if spec.kind == "workers":
+            prefix = tuple(lm.tokenizer(fmt.prefix(spec.question), add_special_tokens=False)["input_ids"])
+            branches = [o + t for o, t in worked[spec.id]]
+            texts = [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for _, t in worked[spec.id]]
+        else:
+            prefix, branches = encode_texts(lm, spec.question, spec.texts, roles=spec.roles)
+            texts = list(spec.texts)
+        prompt = tuple(lm.tokenizer(fmt.synthesis(spec.question, None, spec.instruction), add_special_tokens=False)["input_ids"])
+        rows.append(list(prefix) + [t for b in branches for t in b] + list(prompt))
+        parts.append((prefix, branches, texts, prompt))
+    state, logits = prefill_rows(lm, rows)
+    decoded = decode_(lm, state, logits, SamplingParams(config.answer_tokens, 0.0), topk=config.topk)
+    for j, (spec, (prefix, branches, texts, prompt)) in enumerate(zip(batch, parts)):
+        answer = list(decoded.tokens[j])
+        text = lm.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        yield {
+            "id": spec.id, "kind": spec.kind, "question": spec.question, "instruction": spec.instruction,
+            "roles": list(spec.roles), "branch_texts": texts, "gold": list(spec.gold),
+            "prefix_ids": list(prefix), "branch_ids": [list(b) for b in branches], "prompt_ids": list(prompt),
+            "answer_ids": answer, "answer": text,
+            "topk_ids": [d[0].tolist() for d in decoded.topk[j]],
+            "topk_logprobs": [[round(x, 4) for x in d[1].tolist()] for d in decoded.topk[j]],
+            "value_mask": value_mask(answer, branches, list(prefix) + list(prompt), lm.stop_ids),
+            "teacher_right": right(text, spec.gold) if spec.gold else None,
+        }
+
+
+def value_mask(answer: Sequence[int], branches: Sequence[Sequence[int]], context: Sequence[int], stops) -> list[int]:
+    """1 where an answer token comes from a branch's content and not from the question or prompt."""
+    in_branches = {t for b in branches for t in b}
+    elsewhere = set(context) | set(stops)
+    return [int(t in in_branches and t not in elsewhere) for t in answer]
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def right(answer: str, gold: Sequence[str]) -> bool:
+    """A gold answer appears in the answer (normalized, whole words)."""
+    said = f" {normalize(answer)} "
+    return any(f" {normalize(g)} " in said for g in gold if normalize(g))
+
+
+# ---------------------------------------------------------------- reading
+
+REQUIRED = ("id", "prefix_ids", "branch_ids", "prompt_ids", "answer_ids", "topk_ids", "topk_logprobs", "value_mask")
+
+
+def read_items(path: Path, *, on_error: str = "stop") -> list[dict]:
+    """Items of a JSONL file. Malformed lines stop with their line numbers (`on_error="stop"`) or are
+    skipped with a warning that names them (`"skip"`); never silently."""
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    items, bad = [], []
+    with Path(path).open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                missing = [k for k in REQUIRED if k not in item]
+                if missing:
+                    raise ValueError(f"missing {', '.join(missing)}")
+                if not item["branch_ids"] or len(item["topk_ids"]) != len(item["answer_ids"]):
+                    raise ValueError("no branches, or answer and distributions differ in length")
+            except (json.JSONDecodeError, ValueError, TypeError) as error:
+                bad.append(f"{number} ({error})")
+                continue
+            items.append(item)
+    if bad:
+        message = f"{path}: {len(bad)} malformed line(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if on_error == "stop":
+            raise ValueError(message)
+        import logging
+
+        logging.getLogger("parsyn").warning("skipped %s", message)
+    return items
