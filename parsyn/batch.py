@@ -16,7 +16,7 @@ from .chat import DEFAULT_INSTRUCTION
 from .decode import SamplingParams, State, decode_, forward_, prefill_rows
 from .kv import KV, cat, to_cache
 from .model import LM
-from .synthesis import CacheInputs, cache_inputs, prompt_tokens
+from .synthesis import CacheInputs, CacheOptions, cache_inputs, cache_settings, prompt_tokens
 from .workers import Fork
 
 
@@ -25,17 +25,16 @@ def answers(
     forks: Sequence[Fork],
     *,
     route: str,
-    layout: str = "parallel",
+    layout: str | None = None,
     instructions: Sequence[str] | None = None,
     sampling: SamplingParams = SamplingParams(max_new_tokens=32, temperature=0.0),
     synthesizer: Synthesizer | None = None,
-    recompute: int | None = None,
+    options: CacheOptions | None = None,
     batch: int = 16,
 ) -> list[tuple[tuple[int, ...], str]]:
     """Greedy (or sampled) answers of every fork by `route`: a list of (token ids, text)."""
     instructions = list(instructions or [DEFAULT_INSTRUCTION] * len(forks))
-    if recompute is None:
-        recompute = synthesizer.config.recompute if synthesizer else 0
+    layout, options = cache_settings(synthesizer, layout, options)
     out: list[tuple[tuple[int, ...], str]] = []
     for start in range(0, len(forks), batch):
         group = list(zip(forks[start : start + batch], instructions[start : start + batch]))
@@ -47,7 +46,7 @@ def answers(
                 decoded = decode_(lm, state, logits, sampling)
             else:
                 mapper = synthesizer.mapper if synthesizer else None
-                inputs = [cache_inputs(lm, f, p, layout=layout, mapper=mapper, recompute=recompute) for (f, _), p in zip(group, prompts)]
+                inputs = [cache_inputs(lm, f, p, layout=layout, mapper=mapper, options=options) for (f, _), p in zip(group, prompts)]
                 with lora_on(lm, synthesizer):
                     state, logits = _prefill_cache_rows(lm, inputs)
                     decoded = decode_(lm, state, logits, sampling)
@@ -85,6 +84,12 @@ def _prefill_cache_rows(lm: LM, inputs: Sequence[CacheInputs]) -> tuple[State, t
         ids[r, width - n :] = torch.tensor(x.ids)
         pos[r, width - n :] = new_keys[r, width - n :] = torch.tensor(x.positions)
         pos[r, : width - n] = x.positions[0]  # padding queries: finite, unused
-    state = State(to_cache(stacked), key_pos, key_pos[:, -1] + 1)
+    bias = None
+    if any(x.state.key_bias is not None for x in inputs):
+        bias = torch.zeros((len(inputs), length), dtype=torch.float32, device=dev)
+        for r, x in enumerate(inputs):
+            if x.state.key_bias is not None:
+                bias[r, length - x.state.key_bias.shape[1] :] = x.state.key_bias[0]
+    state = State(to_cache(stacked), key_pos, key_pos[:, -1] + 1, bias)
     logits = forward_(lm, state, ids.to(dev), pos.to(dev), new_keys.to(dev))
     return state, logits

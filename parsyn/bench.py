@@ -80,6 +80,50 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     }
 
 
+def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: int = 3, layout: str = "parallel",
+          progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """`ttft_cell` over the grid; cells beyond the model's positions are reported as skipped."""
+    cells, total = [], len(branches) * len(lengths)
+    for n in branches:
+        for length in lengths:
+            need = n * length + 128  # prefix, openings and the synthesizer's prompt
+            if need > lm.max_positions:
+                cells.append({"branches": n, "length": length, "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
+            else:
+                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout))
+            if progress:
+                progress(len(cells), total)
+    return cells
+
+
+# Shapes for timing without weights: timing does not depend on weight values.
+SHAPES = {
+    "qwen3-14b": dict(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "tiny-qwen3": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
+}
+
+
+def random_lm(shape: str, tokenizer=None, device: str = "cpu") -> LM:
+    """A randomly initialised Qwen3 of a named shape (bf16 on GPUs, fp32 on CPU); the tokenizer defaults
+    to the embedded model's (its ids fit any larger vocabulary)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    from .model import _converted, default_gguf, wrap
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)})")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' is not available here")
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(_converted(default_gguf()))
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[shape]), dtype=dtype, attn_implementation="sdpa")
+    return wrap(model, tokenizer, f"random {shape}")
+
+
 def _round_robin(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     for timer in timers.values():  # warm-up
         timer()

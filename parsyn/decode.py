@@ -42,6 +42,7 @@ class State:
     cache: DynamicCache
     key_pos: torch.Tensor   # [B, T] logical positions of the cached keys, -1 = padding
     next_pos: torch.Tensor  # [B] position of each row's next token
+    key_bias: torch.Tensor | None = None  # [B, T] added to every query's attention logit on that key
 
     @classmethod
     def empty(cls, rows: int, device: torch.device) -> State:
@@ -53,26 +54,32 @@ class State:
         """Keep only batch `rows` (in place on this state)."""
         self.cache.batch_select_indices(rows)
         self.key_pos, self.next_pos = self.key_pos[rows], self.next_pos[rows]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[rows]
 
 
-def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict, dtype: torch.dtype):
+def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict, dtype: torch.dtype,
+                   key_bias: torch.Tensor | None = None):
     """Additive masks [B, 1, q, k] built from logical positions, or None where the model's own causal
-    mask is the same (no padding and positions equal storage indices).
+    mask is the same (no padding, no bias, and positions equal storage indices).
 
-    A key is visible when it is not padding, not after the query, and inside the layer's window.
-    Returns one tensor, or a dict by layer type when `windows` has several types (Gemma 3, Qwen3).
+    A key is visible when it is not padding, not after the query, and inside the layer's window;
+    `key_bias` [B, k] is added on visible keys. Returns one tensor, or a dict by layer type when
+    `windows` has several types (Gemma 3, Qwen3).
     """
     b, k = key_pos.shape
     q = query_pos.shape[1]
     storage = torch.arange(k, device=key_pos.device)
-    if bool((key_pos == storage).all()) and bool((query_pos == storage[k - q :]).all()):
+    plain = key_bias is None or not bool(key_bias.any())
+    if plain and bool((key_pos == storage).all()) and bool((query_pos == storage[k - q :]).all()):
         return None
+    bias = 0.0 if plain else key_bias[:, None, None, :].to(dtype)
     kp, qp = key_pos[:, None, None, :], query_pos[:, None, :, None]
     visible = (kp >= 0) & (kp <= qp)
     # finfo.min, not -inf: a padding query that sees nothing then stays finite instead of NaN
     low = torch.finfo(dtype).min
     masks = {
-        kind: torch.zeros(visible.shape, dtype=dtype, device=key_pos.device).masked_fill(
+        kind: (torch.zeros(visible.shape, dtype=dtype, device=key_pos.device) + bias).masked_fill(
             ~(visible if w is None else visible & (kp > qp - w)), low
         )
         for kind, w in windows.items()
@@ -85,7 +92,9 @@ def forward_(lm: LM, state: State, ids: torch.Tensor, pos: torch.Tensor, key_pos
     `key_pos` gives the positions recorded for the new keys (default `pos`; -1 marks padding).
     Returns the last column's logits [B, V] float32, or with keep > 1 the last `keep` columns' [B, keep, V]."""
     state.key_pos = torch.cat([state.key_pos, pos if key_pos is None else key_pos], dim=1)
-    mask = attention_mask(state.key_pos, pos, lm.windows, lm.dtype)
+    if state.key_bias is not None:
+        state.key_bias = torch.cat([state.key_bias, torch.zeros_like(pos, dtype=state.key_bias.dtype)], dim=1)
+    mask = attention_mask(state.key_pos, pos, lm.windows, lm.dtype, state.key_bias)
     out = lm.model(
         input_ids=ids, position_ids=pos, attention_mask=mask, cache=state.cache, use_cache=True, logits_to_keep=keep
     )

@@ -21,6 +21,7 @@ from .batch import answers
 from .decode import SamplingParams
 from .model import LM
 from .probe import probe_items
+from .synthesis import CacheOptions
 from .train.data import right
 from .train.loop import base_fork, student_logits
 from .train.loss import kl_per_position
@@ -32,7 +33,7 @@ class Variant:
     name: str
     layout: str
     synthesizer: Synthesizer | None = None
-    recompute: int | None = None
+    options: CacheOptions | None = None
 
 
 def ablations(synthesizer: Synthesizer | None, layouts: Sequence[str] = ("parallel", "sequential")) -> list[Variant]:
@@ -48,7 +49,7 @@ def ablations(synthesizer: Synthesizer | None, layouts: Sequence[str] = ("parall
             out.append(Variant(f"mapper only {layout}", layout, no_lora))
             out.append(Variant(f"LoRA only {layout}", layout, dataclasses.replace(synthesizer, mapper=None)))
         if config.recompute:
-            out.append(Variant(f"trained {layout}, no aid", layout, synthesizer, recompute=0))
+            out.append(Variant(f"trained {layout}, no aid", layout, synthesizer, CacheOptions()))
     return out
 
 
@@ -78,9 +79,9 @@ def evaluate(
         say(v.name)
         kl, kl_value = _held_out_kl(lm, v, held_out)
         greedy = answers(lm, forks, route="cache", layout=v.layout, instructions=instructions,
-                         sampling=SamplingParams(answer_tokens, 0.0), synthesizer=v.synthesizer, recompute=v.recompute)
+                         sampling=SamplingParams(answer_tokens, 0.0), synthesizer=v.synthesizer, options=v.options)
         said = [t for _, t in answers(lm, probe_forks, route="cache", layout=v.layout, sampling=probe_sampling,
-                                      synthesizer=v.synthesizer, recompute=v.recompute)]
+                                      synthesizer=v.synthesizer, options=v.options)]
         rows.append({
             "variant": v.name, "layout": v.layout,
             "agreement": _share(tuple(g) == t for (g, _), t in zip(greedy, teacher)),
@@ -93,12 +94,9 @@ def evaluate(
 
 def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float, float]:
     total, count, value_total, value_count = 0.0, 0, 0.0, 0
-    synthesizer = variant.synthesizer
-    if variant.recompute is not None and synthesizer is not None:
-        synthesizer = dataclasses.replace(synthesizer, config=dataclasses.replace(synthesizer.config, recompute=variant.recompute))
     with torch.no_grad():
         for item in items:
-            logits = student_logits(lm, synthesizer, item, variant.layout)
+            logits = student_logits(lm, variant.synthesizer, item, variant.layout, variant.options)
             kl = kl_per_position(logits, torch.tensor(item["topk_ids"]), torch.tensor(item["topk_logprobs"]))
             mask = torch.tensor(item["value_mask"], dtype=torch.bool)
             total, count = total + kl.sum().item(), count + kl.numel()

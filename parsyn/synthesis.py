@@ -19,12 +19,36 @@ from .chat import DEFAULT_INSTRUCTION, ChatFormat
 from .compose import Composed, Mapper, Span, compose
 from .decode import SamplingParams, State, decode_, forward_
 from .adapter import Synthesizer, lora_on
+from .blend import select
 from .kv import KV, to_cache
 from .model import LM
 from .rope import rope_of
 from .workers import Fork
 
 ROUTES = ("text", "cache")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Training-free changes to how the cache route reads the branches.
+
+    recompute: the first k tokens of every branch are run again at synthesis (a structural aid).
+    blend: CacheBlend-style — this fraction of all branch tokens, those whose K/V deviate most at
+        `check_layer` from a full-attention prefill, is recomputed.
+    temperature, branch_bias: APE-style — branch keys are scaled by 1/temperature (sharper or flatter
+        attention on branches) and `branch_bias` (a log-scale) is added to every attention logit on a
+        branch token.
+    """
+
+    recompute: int = 0
+    blend: float = 0.0
+    check_layer: int = 1
+    temperature: float = 1.0
+    branch_bias: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.recompute < 0 or not 0 <= self.blend <= 1 or self.check_layer < 0 or self.temperature <= 0:
+            raise ValueError(f"bad CacheOptions: {self}")
 SYNTH_SAMPLING = SamplingParams(max_new_tokens=128, temperature=0.0)
 
 
@@ -70,7 +94,7 @@ def prepare(
     layout: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
     synthesizer: Synthesizer | None = None,
-    recompute: int | None = None,
+    options: CacheOptions | None = None,
     max_new_tokens: int = 0,
 ) -> Prepared:
     """Build the route's context and prefill the synthesizer's prompt; `fork` is not modified."""
@@ -80,9 +104,9 @@ def prepare(
     with torch.inference_mode():
         if route == "text":
             return _prepare_text(lm, fork, prompt_ids, max_new_tokens)
-        layout, recompute = _cache_settings(synthesizer, layout, recompute)
+        layout, options = cache_settings(synthesizer, layout, options)
         mapper = synthesizer.mapper if synthesizer else None
-        inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=mapper, recompute=recompute)
+        inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=mapper, options=options)
         last = inputs.positions[-1] + 1 + max_new_tokens
         lm.check_positions(last, f"the composed {layout} cache plus the prompt and the answer")
         with lora_on(lm, synthesizer):
@@ -99,25 +123,26 @@ def synthesize(
     instruction: str = DEFAULT_INSTRUCTION,
     sampling: SamplingParams = SYNTH_SAMPLING,
     synthesizer: Synthesizer | None = None,
-    recompute: int | None = None,
+    options: CacheOptions | None = None,
     on_token=None,
 ) -> Synthesis:
     """Synthesize one answer from the fork's branches by `route` (text or cache).
 
     The cache route uses `layout` (default: the synthesizer's, else parallel) and, when given, the trained
     `synthesizer` (its LoRA is on only while it runs, its mapper calibrates branches, its aid recomputes
-    the first `recompute` tokens of every branch). The text route always runs the base model."""
+    the first tokens of every branch) and `options` (training-free variants; default: the synthesizer's
+    aid). The text route always runs the base model."""
     t0 = time.perf_counter()
     ready = prepare(
         lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
-        recompute=recompute, max_new_tokens=sampling.max_new_tokens,
+        options=options, max_new_tokens=sampling.max_new_tokens,
     )
     report = None if on_token is None else (lambda _, t: on_token(t))
     with lora_on(lm, synthesizer if route == "cache" else None):
         out = decode_(lm, ready.state, ready.logits, sampling, on_token=report)
     tokens = out.tokens[0]
     answer = lm.tokenizer.decode(tokens[:-1] if out.stopped[0] else tokens, skip_special_tokens=True).strip()
-    used = _cache_settings(synthesizer, layout, recompute)[0] if route == "cache" else None
+    used = cache_settings(synthesizer, layout, options)[0] if route == "cache" else None
     return Synthesis(
         route, used, answer, tokens, out.first_token_time - t0, time.perf_counter() - t0, ready.prefill_tokens,
         ready.spans,
@@ -129,9 +154,11 @@ def prompt_tokens(lm: LM, fork: Fork, instruction: str = DEFAULT_INSTRUCTION) ->
     return lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _cache_settings(synthesizer: Synthesizer | None, layout: str | None, recompute: int | None) -> tuple[str, int]:
-    default_layout, default_recompute = (synthesizer.config.layout, synthesizer.config.recompute) if synthesizer else ("parallel", 0)
-    return layout or default_layout, default_recompute if recompute is None else recompute
+def cache_settings(synthesizer: Synthesizer | None, layout: str | None, options: CacheOptions | None) -> tuple[str, CacheOptions]:
+    """The layout and options a cache route runs with: explicit ones, else the synthesizer's, else defaults."""
+    if synthesizer is None:
+        return layout or "parallel", options or CacheOptions()
+    return layout or synthesizer.config.layout, options or CacheOptions(recompute=synthesizer.config.recompute)
 
 
 def _prepare_text(lm: LM, fork: Fork, prompt_ids: list[int], max_new: int) -> Prepared:
@@ -150,32 +177,73 @@ def _prepare_text(lm: LM, fork: Fork, prompt_ids: list[int], max_new: int) -> Pr
 
 
 def cache_inputs(
-    lm: LM, fork: Fork, prompt_ids: list[int], *, layout: str, mapper: Mapper | None = None, recompute: int = 0
+    lm: LM, fork: Fork, prompt_ids: list[int], *, layout: str, mapper: Mapper | None = None,
+    options: CacheOptions = CacheOptions(),
 ) -> CacheInputs:
-    """Compose the branches under `layout` (mapped when a mapper is given) into a new decode state.
+    """Compose the branches under `layout` (mapped when a mapper is given) into a new decode state, and
+    list the tokens still to run: the branch tokens chosen for recomputation, then the prompt.
 
-    With `recompute` k > 0, the first k tokens of every branch are run again at synthesis time, seeing
-    the prefix and every branch token at an earlier or equal position; their old entries are masked out."""
-    composed = compose(fork.prefix, [b.kv for b in fork.branches], rope_of(lm.model), layout=layout, mapper=mapper)
+    Recomputed tokens see the prefix and every branch token at an earlier or equal position; their old
+    entries are masked out."""
+    rope = rope_of(lm.model)
+    if options.temperature != 1.0:
+        mapper = _sharpen(mapper, options.temperature)
+    composed = compose(fork.prefix, [b.kv for b in fork.branches], rope, layout=layout, mapper=mapper)
+    chosen = _chosen(lm, fork, composed, rope, options)
     dev = lm.device
     key_pos = composed.positions.to(dev)[None].clone()
+    bias = None
+    if options.branch_bias:
+        bias = torch.full_like(key_pos, options.branch_bias, dtype=torch.float32)
+        bias[:, : fork.prefix.length] = 0
     ids, positions, spans = [], [], [composed.spans[0]]
     at = composed.segments[0].length
-    for branch, segment, span in zip(fork.branches, composed.segments[1:], composed.spans[1:]):
-        k = min(recompute, segment.length)
-        if k:
-            key_pos[0, at : at + k] = -1
-            ids += branch.token_ids[:k]
-            positions += segment.positions[:k].tolist()
-            spans.append(Span(span.source, span.index, span.start, k, "recomputed"))
-        if span.length > k:
-            spans.append(Span(span.source, span.index, span.start + k, span.length - k, span.how))
+    for branch, segment, span, offsets in zip(fork.branches, composed.segments[1:], composed.spans[1:], chosen):
+        for j in offsets:
+            key_pos[0, at + j] = -1
+            ids.append(branch.token_ids[j])
+            positions.append(int(segment.positions[j]))
+        spans += _split_span(span, offsets)
         at += segment.length
-    state = State(to_cache(composed.segments), key_pos, key_pos[:, -1] + 1)
+    state = State(to_cache(composed.segments), key_pos, key_pos[:, -1] + 1, bias)
     start = composed.next_position
     spans.append(Span("prompt", 0, start, len(prompt_ids), "recomputed"))
     return CacheInputs(state, ids + list(prompt_ids), positions + list(range(start, start + len(prompt_ids))),
                        tuple(spans), composed.segments)
+
+
+def _chosen(lm: LM, fork: Fork, composed: Composed, rope, options: CacheOptions) -> list[list[int]]:
+    """Offsets of the tokens to recompute in each branch (sorted)."""
+    first = [list(range(min(options.recompute, b.kv.length))) for b in fork.branches]
+    if not options.blend:
+        return first
+    picked = select(lm, fork.prefix_ids, [b.token_ids for b in fork.branches], composed, rope,
+                    fraction=options.blend, check_layer=options.check_layer)
+    return [sorted(set(a) | set(b)) for a, b in zip(first, picked)]
+
+
+def _split_span(span: Span, offsets: list[int]) -> list[Span]:
+    """A branch span cut into runs of recomputed and kept tokens, in order."""
+    if not offsets:
+        return [span]
+    marks = set(offsets)
+    out, run_start = [], 0
+    for j in range(1, span.length + 1):
+        if j == span.length or ((j in marks) != (run_start in marks)):
+            how = "recomputed" if run_start in marks else span.how
+            out.append(Span(span.source, span.index, span.start + run_start, j - run_start, how))
+            run_start = j
+    return out
+
+
+def _sharpen(mapper: Mapper | None, temperature: float) -> Mapper:
+    """Scale branch keys by 1/temperature (after any other mapper): attention logits on them scale alike."""
+
+    def scaled(kv: KV, index: int, branches: int) -> KV:
+        kv = mapper(kv, index, branches) if mapper else kv
+        return KV(tuple(k / temperature for k in kv.keys), kv.values, kv.positions)
+
+    return scaled
 
 
 def _run(lm: LM, inputs: CacheInputs) -> torch.Tensor:

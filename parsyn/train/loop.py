@@ -31,7 +31,7 @@ from ..decode import forward_
 from ..layout import LAYOUTS
 from ..mapper import MapperConfig
 from ..model import LM
-from ..synthesis import cache_inputs
+from ..synthesis import CacheOptions, cache_inputs, cache_settings
 from ..workers import Fork, from_ids
 from .data import read_items
 from .loss import LossConfig, distill_loss
@@ -114,13 +114,13 @@ def _plain(kv):
     return KV(tuple(k.clone() for k in kv.keys), tuple(v.clone() for v in kv.values), kv.positions.clone())
 
 
-def student_logits(lm: LM, synthesizer: Synthesizer | None, item: dict, layout: str, *, mapper=True, lora=True) -> torch.Tensor:
+def student_logits(lm: LM, synthesizer: Synthesizer | None, item: dict, layout: str, options: CacheOptions | None = None) -> torch.Tensor:
     """Cache-route logits [T, V] predicting each of the teacher's answer tokens (teacher forcing)."""
     fork = base_fork(lm, item)
-    config = synthesizer.config if synthesizer else AdapterConfig(lora=False)
-    with lora_on(lm, synthesizer if lora else None):
+    layout, options = cache_settings(synthesizer, layout, options)
+    with lora_on(lm, synthesizer):
         inputs = cache_inputs(lm, fork, item["prompt_ids"], layout=layout,
-                              mapper=synthesizer.mapper if (synthesizer and mapper) else None, recompute=config.recompute)
+                              mapper=synthesizer.mapper if synthesizer else None, options=options)
         answer = list(item["answer_ids"])
         start = inputs.positions[-1] + 1
         ids = inputs.ids + answer[:-1]

@@ -1,0 +1,185 @@
+"""The evaluation harness: workers run once per item, every method synthesizes from those same branches.
+
+Methods:
+- `single`: one agent answers alone (no workers, no synthesis);
+- `text`: text synthesis, the baseline (all branch texts prefilled again);
+- `cache-parallel`, `cache-sequential`: raw cache routes;
+- `cache-trained`: the cache route with the trained synthesizer (when one fits the model);
+- `cacheblend`: CacheBlend-style selective recompute of the ~15% most deviating branch tokens;
+- `ape`: APE-style training-free attention temperature and scale on branch spans (parallel layout).
+
+Predictions go to predictions.jsonl, one line per finished item holding every method's answer, score
+and timings; a killed run resumes after its last complete line, counting nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..adapter import Synthesizer, resolve
+from ..decode import SamplingParams
+from ..model import LM
+from ..synthesis import CacheOptions, synthesize
+from ..workers import fork
+from . import tasks as T
+
+METHODS = ("single", "text", "cache-parallel", "cache-sequential", "cache-trained", "cacheblend", "ape")
+ROLES = ("Solve it step by step.", "Answer directly and briefly.", "Check the question carefully, then answer.",
+         "Explain your reasoning, then give the answer.")
+APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
+BLEND = CacheOptions(blend=0.15, check_layer=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...] = METHODS
+    limit: int | None = 20
+    seed: int = 0
+    workers: int = 3
+    worker_tokens: int = 96
+    answer_tokens: int = 96
+    temperature: float = 0.7
+    adapter: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+        known = set(T.TASKS)
+        bad = [t for t in self.tasks if t not in known]
+        if bad or not self.tasks:
+            raise ValueError(f"unknown task(s) {', '.join(bad) or '(none given)'} (choose from {', '.join(sorted(known))})")
+        if self.workers < 1 or self.worker_tokens < 1 or self.answer_tokens < 1:
+            raise ValueError(f"EvalConfig needs positive workers and token limits, got {self}")
+
+
+def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "", progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out / "config.json", config)
+    trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None
+    methods = [m for m in config.methods if m != "cache-trained" or trained is not None]
+    items = [item for task in config.tasks for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
+    path = out / "predictions.jsonl"
+    done = {r["id"] for r in read_predictions(path)}
+    with path.open("a", encoding="utf-8") as fh:
+        for n, item in enumerate(items, 1):
+            if item.id not in done:
+                fh.write(json.dumps(evaluate_item(lm, item, config, methods, trained)) + "\n")
+                fh.flush()
+            if progress:
+                progress(n, len(items), item.task)
+    summary = summarize(read_predictions(path), config, methods, lm, command)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None) -> dict:
+    roles = ([f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
+             if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
+    sampling = SamplingParams(config.worker_tokens, config.temperature, 0.95, config.seed)
+    t0 = time.perf_counter()
+    f = fork(lm, item.question, workers=len(roles), roles=roles, sampling=sampling)
+    workers_s = time.perf_counter() - t0
+    answer = SamplingParams(config.answer_tokens, 0.0)
+    results = {}
+    for method in methods:
+        results[method] = _method(lm, item, f, method, answer, trained)
+    text = results.get("text", {}).get("answer")
+    for method, r in results.items():
+        r["score"] = T.score(item, r["answer"])
+        r["agrees"] = None if text is None or method == "single" else r["answer"] == text
+    return {
+        "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
+        "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids)} for b in f.branches],
+        "workers_s": workers_s, "methods": results,
+    }
+
+
+def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trained: Synthesizer | None) -> dict:
+    if method == "single":
+        t0 = time.perf_counter()
+        first = []
+        alone = fork(lm, item.question, workers=1, sampling=sampling, on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
+        end = time.perf_counter()
+        b = alone.branches[0]
+        return {"answer": b.text, "ttft_s": first[0] - t0, "latency_s": end - t0,
+                "prefill_tokens": len(alone.prefix_ids) + len(b.token_ids) - b.generated}
+    kwargs = {
+        "text": dict(route="text"),
+        "cache-parallel": dict(route="cache", layout="parallel"),
+        "cache-sequential": dict(route="cache", layout="sequential"),
+        "cache-trained": dict(route="cache", synthesizer=trained),
+        "cacheblend": dict(route="cache", layout="sequential", options=BLEND),
+        "ape": dict(route="cache", layout="parallel", options=APE),
+    }[method]
+    s = synthesize(lm, f, sampling=sampling, **kwargs)
+    return {"answer": s.answer, "ttft_s": s.ttft_s, "latency_s": s.total_s, "prefill_tokens": s.prefill_tokens,
+            "provenance": [asdict(p) for p in s.provenance]}
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Finished items of a predictions file. A last line cut short by a kill is dropped (and cut from the
+    file so appends stay valid); any other unreadable line stops with its number."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    rows, seen = [], set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row["id"], row["methods"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {number} is not a prediction record; fix or remove it to resume") from None
+        if row["id"] not in seen:
+            seen.add(row["id"])
+            rows.append(row)
+    return rows
+
+
+def _check_config(path: Path, config: EvalConfig) -> None:
+    mine = json.loads(json.dumps(asdict(config)))
+    if path.exists():
+        if json.loads(path.read_text()) != mine:
+            raise ValueError(f"{path.parent} holds an evaluation with other settings; use the same ones to resume or a new folder")
+    else:
+        path.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], lm: LM, command: str) -> dict:
+    from ..bench import environment
+
+    table = []
+    for task in config.tasks:
+        mine = [r for r in rows if r["task"] == task]
+        for method in methods:
+            got = [r["methods"][method] for r in mine if method in r["methods"]]
+            if not got:
+                continue
+            agree = [g["agrees"] for g in got if g.get("agrees") is not None]
+            ttft = sorted(g["ttft_s"] for g in got)
+            table.append({
+                "task": task, "method": method, "n": len(got),
+                "accuracy": sum(bool(g["score"]) for g in got) / len(got),
+                "agreement": sum(agree) / len(agree) if agree else None,
+                "ttft_median_s": statistics.median(ttft),
+                "ttft_p90_s": ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
+                "prefill_tokens_mean": statistics.mean(g["prefill_tokens"] for g in got),
+                "latency_median_s": statistics.median(g["latency_s"] for g in got),
+            })
+    return {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "environment": environment(lm), "config": asdict(config), "rows": table}

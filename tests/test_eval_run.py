@@ -1,0 +1,91 @@
+"""The evaluation harness, the TTFT sweep and the baselines, on tiny random models (real data, real files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from parsyn.bench import random_lm, sweep
+from parsyn.decode import SamplingParams
+from parsyn.eval.run import EvalConfig, read_predictions, run
+from parsyn.synthesis import CacheOptions, prepare, synthesize
+from parsyn.workers import from_texts
+
+from conftest import tiny_lm
+
+SMALL = dict(limit=2, workers=2, worker_tokens=6, answer_tokens=6, adapter="none")
+
+
+def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    config = EvalConfig(tasks=("gsm8k", "squad_split"), **SMALL)
+    summary = run(lm, config, tmp_path, command="test")
+    rows = read_predictions(tmp_path / "predictions.jsonl")
+    assert len(rows) == 4 and {r["task"] for r in rows} == {"gsm8k", "squad_split"}
+    methods = set(config.methods) - {"cache-trained"}  # no adapter fits a tiny random model
+    for r in rows:
+        assert set(r["methods"]) == methods and len(r["branches"]) == 2
+        assert r["methods"]["text"]["agrees"] is True and r["methods"]["single"]["agrees"] is None
+        assert r["methods"]["text"]["prefill_tokens"] > r["methods"]["cache-parallel"]["prefill_tokens"]
+    evidence = next(r for r in rows if r["task"] == "squad_split")
+    assert all(b["role"].startswith("Evidence:") for b in evidence["branches"])
+    assert {(s["task"], s["method"]) for s in summary["rows"]} == {(t, m) for t in config.tasks for m in methods}
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+    # a killed run: the last line cut short; the rerun finishes it without counting anything twice
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "predictions.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
+    again = run(lm, config, tmp_path)
+    assert [r["id"] for r in read_predictions(tmp_path / "predictions.jsonl")] == [r["id"] for r in rows]
+    assert [s["n"] for s in again["rows"]] == [s["n"] for s in summary["rows"]]
+
+
+def test_bad_settings_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="unknown task.*nosuch"):
+        EvalConfig(tasks=("nosuch",))
+    with pytest.raises(ValueError, match="unknown method.*telepathy"):
+        EvalConfig(tasks=("gsm8k",), methods=("telepathy",))
+    lm = tiny_lm("llama", tokenizer)
+    run(lm, EvalConfig(tasks=("boolq",), methods=("text",), **SMALL), tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        run(lm, EvalConfig(tasks=("boolq",), methods=("text", "ape"), **SMALL), tmp_path)
+    (tmp_path / "predictions.jsonl").write_text('{"id": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="line 1"):
+        read_predictions(tmp_path / "predictions.jsonl")
+
+
+def test_cacheblend_recomputes_the_chosen_share_and_moves_towards_text(tokenizer):
+    lm = tiny_lm("qwen3", tokenizer)
+    f = from_texts(lm, "Who lives where?", ["Vera lives in Oslo and likes tea.", "Ann lives in Lima and likes coffee."])
+    options = CacheOptions(blend=0.3, check_layer=1)
+    blended = synthesize(lm, f, layout="sequential", options=options, sampling=SamplingParams(3))
+    recomputed = sum(s.length for s in blended.provenance if s.source == "branch" and s.how == "recomputed")
+    total = sum(len(b.token_ids) for b in f.branches)
+    assert recomputed == round(0.3 * total)
+    text = prepare(lm, f, route="text").logits
+    raw = prepare(lm, f, layout="sequential").logits
+    full = prepare(lm, f, layout="sequential", options=CacheOptions(blend=1.0)).logits
+    torch.testing.assert_close(full, text, atol=1e-4, rtol=0)  # recomputing everything is the text route
+    assert (raw - text).abs().max() > 1e-3
+
+
+def test_ape_scales_attention_on_branches(tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    f = from_texts(lm, "Who lives where?", ["Vera lives in Oslo.", "Ann lives in Lima."])
+    plain = prepare(lm, f, layout="parallel").logits
+    neutral = prepare(lm, f, layout="parallel", options=CacheOptions(temperature=1.0, branch_bias=0.0)).logits
+    ape = prepare(lm, f, layout="parallel", options=CacheOptions(temperature=0.9, branch_bias=math.log(0.8))).logits
+    torch.testing.assert_close(neutral, plain, atol=0, rtol=0)
+    assert (ape - plain).abs().max() > 1e-3
+
+
+def test_ttft_sweep_reports_every_cell(tokenizer):
+    lm = random_lm("tiny-qwen3", tokenizer)
+    cells = sweep(lm, [1, 2], [32, 3000], repeats=1)
+    assert [(c["branches"], c["length"]) for c in cells] == [(1, 32), (1, 3000), (2, 32), (2, 3000)]
+    assert "skipped" in cells[3] and "positions" in cells[3]["skipped"]
+    for c in cells[:3]:
+        assert c["text_ttft_s"] > 0 and c["cache_ttft_s"] > 0 and c["floor_s"] > 0
+        assert c["speedup"] == pytest.approx(c["text_ttft_s"] / c["cache_ttft_s"])

@@ -1,0 +1,138 @@
+"""The HTML report: self-contained, escaped, with valid PNGs; clear errors for missing or malformed inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from parsyn.eval.report import plots, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ENV = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu", "torch": "2.13.0+cpu",
+       "transformers": "5.24.0", "threads": 2, "cpu_count": 2, "machine": "x86_64", "processor": "AMD EPYC",
+       "python": "3.11.7"}
+TASKS = ("gsm8k", "mmlu", "humaneval")
+METHODS = ("single", "text", "cache-parallel", "cache-trained", "ape", "x<b>bold</b>", r"odd$\notacommand$")
+EVAL_COMMAND = "parsyn eval --tasks gsm8k,mmlu,humaneval --methods text,cache-parallel --limit 50 --out results/eval"
+BENCH_COMMAND = "parsyn bench --branches 1,2,4,8 --lengths 128,256,512,1024 --repeats 3"
+
+
+def summary() -> dict:
+    rows = []
+    for i, task in enumerate(TASKS):
+        for j, method in enumerate(METHODS):
+            rows.append({"task": task, "method": method, "n": 50, "accuracy": 0.02 * (i + j),
+                         "agreement": None if method == "single" else 1.0 - 0.1 * j,
+                         "ttft_median_s": 1.9 / (j + 1), "ttft_p90_s": 2.6 / (j + 1),
+                         "prefill_tokens_mean": 640.2 / (j + 1), "latency_median_s": 6.1 - 0.3 * j})
+    del rows[-1]["latency_median_s"]  # optional keys may be missing
+    return {"command": EVAL_COMMAND, "created": "2026-11-28T20:00:00Z", "environment": ENV,
+            "config": {"workers": 3, "limit": 50, "seed": 0, "max_new_tokens": 128}, "rows": rows}
+
+
+def bench() -> dict:
+    cells = []
+    for b in (1, 2, 4, 8):
+        for n in (128, 256, 512, 1024):
+            text, floor = 0.004 * b * n, 0.2 + 0.00001 * b * n
+            cache = floor * 0.97
+            cells.append({"branches": b, "length": n, "branch_tokens": [n + 6] * b, "prefix_tokens": 34,
+                          "prompt_tokens": 40, "layout": "parallel", "text_ttft_s": text, "cache_ttft_s": cache, "floor_s": floor,
+                          "speedup": text / cache, "overhead": (cache - floor) / floor})
+    cells[-1]["speedup"] = 21.6  # a known value to find in the table
+    return {"command": BENCH_COMMAND, "environment": ENV, "cells": cells}
+
+
+def write(path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def assert_png(data: bytes) -> None:
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 5_000
+    width, height = Image.open(io.BytesIO(data)).size
+    assert width >= 300 and height >= 200
+
+
+def test_report_with_bench_is_self_contained_and_escaped(tmp_path):
+    write(tmp_path / "eval" / "summary.json", summary())
+    write(tmp_path / "bench.json", bench())
+    out = write_report(tmp_path / "eval", bench=tmp_path / "bench.json")
+    assert out == tmp_path / "eval" / "report.html" and out.exists()
+    page = out.read_text(encoding="utf-8")
+    assert EVAL_COMMAND in page and BENCH_COMMAND in page and "2026-11-28T20:00:00Z" in page
+    for name in TASKS + ("SmolLM2-135M-Instruct", "2.13.0+cpu", "5.24.0", "AMD EPYC"):
+        assert name in page
+    for method in METHODS:
+        assert f"<td>{method.replace('<', '&lt;').replace('>', '&gt;')}</td>" in page
+    assert "x&lt;b&gt;bold&lt;/b&gt;" in page and "<b>" not in page
+    assert "21.6×" in page and "-3.0%" in page and "<td>parallel</td>" in page  # bench table
+    assert 'src="http' not in page and "href=" not in page and "<script" not in page and "<link" not in page
+    images = embedded_pngs(page)
+    assert len(images) == 4
+    for image in images:
+        assert_png(image)
+    names = {"accuracy.png", "agreement.png", "ttft.png", "speedup.png"}
+    assert {p.name for p in out.parent.glob("*.png")} == names
+    for name in names:
+        assert_png((out.parent / name).read_bytes())
+
+
+def test_without_bench_there_are_no_bench_plots_or_table(tmp_path):
+    write(tmp_path / "summary.json", summary())
+    out = write_report(tmp_path, out=tmp_path / "html" / "r.html")
+    page = out.read_text(encoding="utf-8")
+    assert len(embedded_pngs(page)) == 2
+    assert {p.name for p in (tmp_path / "html").glob("*.png")} == {"accuracy.png", "agreement.png"}
+    assert "speed-up" not in page and "cache TTFT" not in page and BENCH_COMMAND not in page
+
+
+def test_plots_returns_written_paths_and_skips_all_null_agreement(tmp_path):
+    data = summary()
+    rows = [dict(r, agreement=None) for r in data["rows"]]
+    before = json.dumps(data)
+    paths = plots(dict(data, rows=rows), bench(), tmp_path / "png")
+    assert [p.name for p in paths] == ["accuracy.png", "ttft.png", "speedup.png"]
+    assert all(p.exists() for p in paths)
+    assert json.dumps(data) == before
+
+
+def test_missing_summary_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "summary.json"))):
+        write_report(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"rows": {"task": "gsm8k"}}', '{"rows": [{"task": "x"}]}'])
+def test_malformed_summary_names_the_file(tmp_path, text):
+    (tmp_path / "summary.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "summary.json"))):
+        write_report(tmp_path)
+
+
+def test_missing_or_malformed_bench_names_the_file(tmp_path):
+    write(tmp_path / "summary.json", summary())
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nope.json"))):
+        write_report(tmp_path, bench=tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"cells": [{"branches": 2}]}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad.json"))):
+        write_report(tmp_path, bench=tmp_path / "bad.json")
+
+
+def test_heat_map_orders_lengths_and_branches_numerically():
+    from parsyn.eval import report
+
+    cells = [c for c in bench()["cells"] if c["branches"] in (2, 8)] + [dict(bench()["cells"][0], branches=16)]
+    ax = report._speedup_map(cells).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["128", "256", "512", "1024"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["2", "8", "16"]
+    assert "21.6×" in [t.get_text() for t in ax.texts]
