@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--branches", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load()
     report = {
         "environment": bench.environment(lm),

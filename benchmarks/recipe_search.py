@@ -51,7 +51,6 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=100)
     parser.add_argument("--only", default="", help="comma-separated candidate names")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load()
     held = split(read_items(args.data), 4)[1][: args.held_out]
     results = json.loads(args.out.read_text()) if args.out.exists() else {"steps": args.steps, "candidates": {}}

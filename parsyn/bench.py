@@ -53,7 +53,7 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     def floor() -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            prefill_over(lm, composed, prompt_ids).logits.argmax(-1)
+            prefill_over(lm, composed, prompt_ids).logits.argmax(-1).tolist()  # .tolist() waits for a GPU
         return time.perf_counter() - t0
 
     timers = {
@@ -173,6 +173,7 @@ def environment(lm: LM) -> dict:
         "model": lm.name,
         "dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device),
+        "gpu": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),

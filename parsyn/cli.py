@@ -211,14 +211,23 @@ def bench(
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
     random_shape: Annotated[Optional[str], typer.Option(help="Time a randomly initialised model of this shape instead (e.g. qwen3-14b).")] = None,
     device: Annotated[str, typer.Option(help="Device for --random-shape (cpu or cuda).")] = "cpu",
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --random-shape (default: the embedded model's).")] = None,
 ) -> None:
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
+    from transformers import AutoTokenizer
+
     from .bench import environment, parse_ints, random_lm, sweep
 
     counts, sizes = parse_ints(branches, "branches"), parse_ints(lengths, "lengths")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
-    lm = random_lm(random_shape, _load(model).tokenizer if model else None, device) if random_shape else _load(model)
+    if random_shape:
+        if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file():
+            raise ValueError(f"--tokenizer: no tokenizer_config.json in '{tokenizer}'")
+        source = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else _load(model).tokenizer if model else None
+        lm = random_lm(random_shape, source, device)
+    else:
+        lm = _load(model)
     with _steps("cells", len(counts) * len(sizes)) as tick:
         cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick)
     result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells}

@@ -180,7 +180,10 @@ def decode_(
     with torch.inference_mode():
         while rows:
             nxt = sample(logits, params, generator)
-            first = first or time.perf_counter()
+            if first is None:
+                if nxt.is_cuda:  # kernels run ahead of the host: the token exists once the device is done
+                    torch.cuda.synchronize(nxt.device)
+                first = time.perf_counter()
             if topk:
                 best = torch.log_softmax(logits, -1).topk(topk, dim=-1)
                 for j, r in enumerate(rows):

@@ -68,3 +68,49 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, gpt2_folder):
 def test_unknown_option_values_are_usage_errors():
     done = parsyn("run", "Why?", "--route", "telepathy")
     assert done.returncode == 2 and "telepathy" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    from conftest import tiny_lm
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_lm("llama", tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
+    done = parsyn("bench", "--random-shape", "tiny-qwen3", "--branches", "1,2", "--lengths", "32", "--repeats", "1",
+                  "--json", "--out", str(tmp_path / "bench.json"))
+    assert done.returncode == 0, done.stderr
+    cells = json.loads(done.stdout)
+    assert [(c["branches"], c["length"]) for c in cells] == [(1, 32), (2, 32)]
+    assert set(cells[0]) >= {"text_ttft_s", "cache_ttft_s", "floor_s", "speedup", "overhead"}
+    done = parsyn("eval", "--tasks", "gsm8k,boolq", "--methods", "text,cache-parallel,ape", "--limit", "1",
+                  "--workers", "2", "--max-new-tokens", "4", "--model", str(tiny_folder), "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert {r["method"] for r in summary["rows"]} == {"text", "cache-parallel", "ape"} and "gsm8k" in done.stdout
+    done = parsyn("report", str(tmp_path / "eval"), "--bench", str(tmp_path / "bench.json"))
+    assert done.returncode == 0, done.stderr
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "speed-up" in html.lower() and html.count("data:image/png;base64") == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--tasks", "gsm9k", "--out", "x"], "unknown task"),
+        (["eval", "--tasks", "gsm8k", "--methods", "magic", "--out", "x"], "unknown method"),
+        (["bench", "--branches", "two"], "comma-separated integers"),
+        (["bench", "--random-shape", "tiny-qwen3", "--tokenizer", "no/such/folder"], "no tokenizer_config.json"),
+        (["bench", "--random-shape", "qwen9"], "unknown shape"),
+        (["report", "no/such/folder"], "summary.json"),
+        (["train", "no/such.jsonl", "run"], "data file not found"),
+    ],
+)
+def test_program_commands_refuse_bad_input_in_one_line(args, message):
+    done = parsyn(*args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr

@@ -1,0 +1,5 @@
+"""`python -m parsyn` is the `parsyn` command."""
+
+from .cli import main
+
+main()
