@@ -272,11 +272,11 @@ def evaluate(
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
                            progress=lambda done, n, task: tick(done, n))
     table = Table(title=f"evaluation ({out})", title_justify="left")
-    for column in ("task", "method", "n", "accuracy", "agreement", "TTFT p50", "TTFT p90", "prefilled"):
+    for column in ("task", "method", "n", "accuracy", "agreement", "identical", "TTFT p50", "TTFT p90", "prefilled"):
         table.add_column(column)
     for r in summary["rows"]:
-        agree = "—" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%"
-        table.add_row(r["task"], r["method"], str(r["n"]), f"{100 * r['accuracy']:.0f}%", agree,
+        agree, same = ("—" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("agreement", "identical"))
+        table.add_row(r["task"], r["method"], str(r["n"]), f"{100 * r['accuracy']:.0f}%", agree, same,
                       f"{r['ttft_median_s'] * 1000:.0f} ms", f"{r['ttft_p90_s'] * 1000:.0f} ms", f"{r['prefill_tokens_mean']:.0f}")
     Console().print(table)
 
@@ -284,12 +284,12 @@ def evaluate(
 @app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="Folder of `parsyn eval` (holds summary.json).")],
-    bench_file: Annotated[Optional[Path], typer.Option("--bench", help="JSON written by `parsyn bench --out`.")] = None,
+    bench_files: Annotated[Optional[list[Path]], typer.Option("--bench", help="JSON written by `parsyn bench --out` (repeatable).")] = None,
 ) -> None:
     """Write results/report.html (self-contained) and its PNG plots."""
     from .eval.report import write_report
 
-    err.print(f"report: {write_report(results, bench=bench_file)}")
+    err.print(f"report: {write_report(results, bench=bench_files or None)}")
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ For every variant (layout × which trained parts are on):
 - held-out KL: mean KL(teacher || route) per answer token on held-out distillation items, and at the
   value positions (answer tokens copied from a branch);
 - agreement: the route's greedy answer equals the text route's (the teacher's) token for token;
+- token agreement: under teacher forcing, how often the route's top token is the teacher's next token;
 - probe: on the facts-over-branches probe, how often the answer holds the gold value ("hits") and how
   often it equals the text route's answer.
 """
@@ -74,10 +75,10 @@ def evaluate(
     say("text route on the probe")
     text_probe = [t for _, t in answers(lm, probe_forks, route="text", sampling=probe_sampling)]
     rows = [{"variant": "text", "layout": None, "probe_hits": _share(right(t, [p.answer]) for t, p in zip(text_probe, probe)),
-             "probe_agreement": 1.0, "agreement": 1.0, "kl": 0.0, "kl_value": 0.0}]
+             "probe_agreement": 1.0, "agreement": 1.0, "token_agreement": 1.0, "kl": 0.0, "kl_value": 0.0}]
     for v in variants:
         say(v.name)
-        kl, kl_value = _held_out_kl(lm, v, held_out)
+        kl, kl_value, tokens = _held_out_kl(lm, v, held_out)
         greedy = answers(lm, forks, route="cache", layout=v.layout, instructions=instructions,
                          sampling=SamplingParams(answer_tokens, 0.0), synthesizer=v.synthesizer, options=v.options)
         said = [t for _, t in answers(lm, probe_forks, route="cache", layout=v.layout, sampling=probe_sampling,
@@ -85,15 +86,16 @@ def evaluate(
         rows.append({
             "variant": v.name, "layout": v.layout,
             "agreement": _share(tuple(g) == t for (g, _), t in zip(greedy, teacher)),
-            "kl": kl, "kl_value": kl_value,
+            "token_agreement": tokens, "kl": kl, "kl_value": kl_value,
             "probe_hits": _share(right(s, [p.answer]) for s, p in zip(said, probe)),
             "probe_agreement": _share(s == t for s, t in zip(said, text_probe)),
         })
     return rows
 
 
-def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float, float]:
-    total, count, value_total, value_count = 0.0, 0, 0.0, 0
+def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float, float, float]:
+    """Mean KL per answer token, at value tokens, and the share of teacher-forced top-1 matches."""
+    total, count, value_total, value_count, same = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
         for item in items:
             logits = student_logits(lm, variant.synthesizer, item, variant.layout, variant.options)
@@ -101,7 +103,8 @@ def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float
             mask = torch.tensor(item["value_mask"], dtype=torch.bool)
             total, count = total + kl.sum().item(), count + kl.numel()
             value_total, value_count = value_total + kl[mask].sum().item(), value_count + int(mask.sum())
-    return total / max(count, 1), value_total / max(value_count, 1)
+            same += (logits.argmax(-1).cpu() == torch.tensor(item["answer_ids"])).sum().item()
+    return total / max(count, 1), value_total / max(value_count, 1), same / max(count, 1)
 
 
 def _share(flags) -> float:
@@ -111,9 +114,10 @@ def _share(flags) -> float:
 
 def table(rows: Sequence[dict]) -> str:
     """A markdown table of the rows."""
-    lines = ["| route | greedy agreement | KL / answer token | KL at value tokens | probe hits | probe agreement |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| route | greedy agreement | token agreement | KL / answer token | KL at value tokens | probe hits | probe agreement |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {100 * r['agreement']:.0f}% | {r['kl']:.3f} | {r['kl_value']:.3f} | "
+        lines.append(f"| {r['variant']} | {100 * r['agreement']:.0f}% | {100 * r['token_agreement']:.0f}% | "
+                     f"{r['kl']:.3f} | {r['kl_value']:.3f} | "
                      f"{100 * r['probe_hits']:.0f}% | {100 * r['probe_agreement']:.0f}% |")
     return "\n".join(lines)

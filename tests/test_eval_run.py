@@ -10,7 +10,8 @@ import torch
 
 from parsyn.bench import random_lm, sweep
 from parsyn.decode import SamplingParams
-from parsyn.eval.run import EvalConfig, read_predictions, run
+from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
+from parsyn.eval.tasks import load
 from parsyn.synthesis import CacheOptions, prepare, synthesize
 from parsyn.workers import from_texts
 
@@ -24,15 +25,21 @@ def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
     config = EvalConfig(tasks=("gsm8k", "squad_split"), **SMALL)
     summary = run(lm, config, tmp_path, command="test")
     rows = read_predictions(tmp_path / "predictions.jsonl")
+    item_of = {i.id: i for t in config.tasks for i in load(t, limit=2, seed=0, parts=2)}
     assert len(rows) == 4 and {r["task"] for r in rows} == {"gsm8k", "squad_split"}
     methods = set(config.methods) - {"cache-trained"}  # no adapter fits a tiny random model
     for r in rows:
         assert set(r["methods"]) == methods and len(r["branches"]) == 2
         assert r["methods"]["text"]["agrees"] is True and r["methods"]["single"]["agrees"] is None
+        for m in r["methods"].values():  # agreement is on final answers; identical texts always agree
+            assert m["final"] == final_answer(item_of[r["id"]], m["answer"])
+            assert not m["identical"] or m["agrees"]
         assert r["methods"]["text"]["prefill_tokens"] > r["methods"]["cache-parallel"]["prefill_tokens"]
     evidence = next(r for r in rows if r["task"] == "squad_split")
     assert all(b["role"].startswith("Evidence:") for b in evidence["branches"])
-    assert {(s["task"], s["method"]) for s in summary["rows"]} == {(t, m) for t in config.tasks for m in methods}
+    assert {(s["task"], s["method"]) for s in summary["rows"]} == {(t, m) for t in (*config.tasks, "all") for m in methods}
+    pooled = next(s for s in summary["rows"] if s["task"] == "all" and s["method"] == "text")
+    assert pooled["n"] == 4 and pooled["agreement"] == 1.0 and pooled["identical"] == 1.0
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
     # a killed run: the last line cut short; the rerun finishes it without counting anything twice
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines(keepends=True)

@@ -88,6 +88,22 @@ def test_report_with_bench_is_self_contained_and_escaped(tmp_path):
         assert_png((out.parent / name).read_bytes())
 
 
+def test_two_bench_files_give_two_sets_of_bench_plots_and_tables(tmp_path):
+    write(tmp_path / "summary.json", summary())
+    gpu = dict(bench(), environment=dict(ENV, model="random qwen3-14b", device="cuda:0"), command="parsyn bench --device cuda")
+    gpu["cells"] = [dict(c, speedup=c["speedup"] / 2) for c in gpu["cells"]]
+    gpu["cells"][-1]["speedup"] = 10.4
+    write(tmp_path / "cpu.json", bench())
+    write(tmp_path / "gpu.json", gpu)
+    out = write_report(tmp_path, bench=[tmp_path / "cpu.json", tmp_path / "gpu.json"])
+    page = out.read_text(encoding="utf-8")
+    assert "21.6×" in page and "10.4×" in page and "parsyn bench --device cuda" in page and BENCH_COMMAND in page
+    assert "Time to first token by route — random qwen3-14b" in page and "<th>bench 2</th>" in page
+    assert {p.name for p in tmp_path.glob("*.png")} == {"accuracy.png", "agreement.png", "ttft.png", "speedup.png",
+                                                          "ttft-2.png", "speedup-2.png"}
+    assert len(embedded_pngs(page)) == 6
+
+
 def test_without_bench_there_are_no_bench_plots_or_table(tmp_path):
     write(tmp_path / "summary.json", summary())
     out = write_report(tmp_path, out=tmp_path / "html" / "r.html")

@@ -225,3 +225,37 @@ def test_smoke_training_on_the_default_model(tmp_path, default_lm):
     f = from_texts(default_lm, QUESTION, TEXTS)
     assert synthesize(default_lm, f, synthesizer=trained, sampling=SamplingParams(6)).token_ids
     A.attach(default_lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))  # leave the shared model clean
+
+
+@pytest.mark.slow
+def test_packaged_checkpoint_loads_for_the_embedded_model_only(tokenizer):
+    """`auto` finds the committed checkpoint for the default model, which changes the cache route only;
+    on any other model `auto` means no adapter."""
+    from parsyn import model as M
+
+    lm = M.load()  # a model of its own: attaching LoRA must not touch the session-wide one
+    f = from_texts(lm, QUESTION, TEXTS)
+    raw = prepare(lm, f).logits
+    trained = A.resolve(lm, "auto")
+    assert trained is not None and trained.config.mapper is not None and trained.config.mapper.kind == "tagged"
+    assert trained.recipe["train"]["steps"] >= 1000
+    assert not torch.allclose(prepare(lm, f, synthesizer=trained).logits, raw, atol=1e-3)
+    torch.testing.assert_close(prepare(lm, f).logits, raw, atol=0, rtol=0)  # switched off outside the route
+    assert A.resolve(tiny_lm("qwen3", tokenizer), "auto") is None
+
+
+def test_fidelity_rows_for_raw_and_trained_parts(tiny_data, tokenizer):
+    from parsyn.fidelity import ablations, evaluate, table
+
+    lm = tiny_lm("llama", tokenizer)
+    items = read_items(tiny_data)[:3]
+    trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="tagged")))
+    variants = ablations(trained, ["parallel"])
+    assert [v.name for v in variants] == ["raw parallel", "trained parallel", "mapper only parallel", "LoRA only parallel"]
+    rows = evaluate(lm, variants, items, probe_size=3, answer_tokens=4, probe_tokens=4)
+    assert [r["variant"] for r in rows] == ["text"] + [v.name for v in variants]
+    for r in rows[1:]:
+        assert 0 <= r["agreement"] <= 1 and 0 <= r["token_agreement"] <= 1 and r["kl"] >= 0 and r["kl_value"] >= 0
+    # an untouched adapter (LoRA B = 0, identity mapper) is the raw route exactly
+    assert rows[1]["kl"] == pytest.approx(rows[2]["kl"], abs=1e-6) and rows[1]["token_agreement"] == rows[2]["token_agreement"]
+    assert table(rows).count("\n") == len(rows) + 1

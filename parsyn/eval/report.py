@@ -1,4 +1,5 @@
-"""An HTML report with PNG plots from `parsyn eval` results (DIR/summary.json) and, optionally, `parsyn bench --json`.
+"""An HTML report with PNG plots from `parsyn eval` results (DIR/summary.json) and, optionally, one or more
+`parsyn bench --out` files (e.g. the embedded model on a CPU and a larger model on a GPU).
 
 The report is one self-contained file: inline CSS, plots embedded as base64 data URIs, no scripts, no links.
 The PNGs are also written next to it. Paths are arguments; nothing depends on the working directory.
@@ -10,7 +11,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
@@ -110,7 +111,12 @@ def _bars(rows: list[dict], key: str, title: str) -> Figure | None:
     return fig
 
 
-def _ttft(cells: list[dict]) -> Figure | None:
+def _model(bench: dict) -> str:
+    env = bench.get("environment")
+    return str(env.get("model") or "") if isinstance(env, dict) else ""
+
+
+def _ttft(cells: list[dict], model: str = "") -> Figure | None:
     """TTFT (ms) against total branch tokens: colour and line style per route, marker per number of branches."""
     cells = sorted((c for c in cells if _total_tokens(c) is not None), key=_total_tokens)
     counts = sorted(_unique(c["branches"] for c in cells), key=_order)
@@ -134,12 +140,12 @@ def _ttft(cells: list[dict]) -> Figure | None:
                        label=f"{_label(n)} branch{'es' if n != '1' else ''}") for i, n in enumerate(counts)]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set(xlabel="total branch tokens (tokens)", ylabel="time to first token (ms)",
-           title="Time to first token of the synthesizer by route")
+           title="Time to first token of the synthesizer by route" + (f"\n{model}" if model else ""))
     ax.grid(alpha=0.3, which="both")
     return fig
 
 
-def _speedup_map(cells: list[dict]) -> Figure | None:
+def _speedup_map(cells: list[dict], model: str = "") -> Figure | None:
     """Heat map of text TTFT / cache TTFT: rows are branch counts, columns branch lengths, cells annotated."""
     grid = {(str(c["branches"]), str(c["length"])): _speedup(c) for c in cells if _speedup(c) is not None}
     if not grid:
@@ -156,23 +162,29 @@ def _speedup_map(cells: list[dict]) -> Figure | None:
                 color="white" if v < middle else "black")
     ax.set_xticks(range(len(cols)), [_label(n) for n in cols])
     ax.set_yticks(range(len(rows)), [_label(b) for b in rows])
-    ax.set(xlabel="branch length (tokens)", ylabel="branches", title="Speed-up of the cache route (text TTFT / cache TTFT)")
+    ax.set(xlabel="branch length (tokens)", ylabel="branches",
+           title="Speed-up of the cache route (text TTFT / cache TTFT)" + (f"\n{model}" if model else ""))
     fig.colorbar(image, ax=ax, label="speed-up (×)")
     return fig
 
 
-def plots(summary: dict, bench: dict | None, out_dir: Path) -> list[Path]:
+def _benches(bench: dict | Sequence[dict] | None) -> list[dict]:
+    return [] if bench is None else [bench] if isinstance(bench, dict) else list(bench)
+
+
+def plots(summary: dict, bench: dict | Sequence[dict] | None, out_dir: Path) -> list[Path]:
     """Write the report's PNGs into `out_dir` (created if needed) and return their paths.
 
-    accuracy.png and agreement.png come from summary["rows"]; ttft.png and speedup.png only when `bench`
-    is given. A plot with no values to draw (e.g. every agreement null) is left out. Inputs are not mutated.
+    accuracy.png and agreement.png come from summary["rows"]; ttft.png and speedup.png from the first
+    bench result, ttft-2.png and speedup-2.png from the second, and so on. A plot with no values to draw
+    (e.g. every agreement null) is left out. Inputs are not mutated.
     """
     rows = _entries(summary, "rows", ("task", "method"), "summary")
     figures = {"accuracy.png": _bars(rows, "accuracy", "Accuracy"),
                "agreement.png": _bars(rows, "agreement", "Agreement with text synthesis")}
-    if bench is not None:
-        cells = _entries(bench, "cells", ("branches", "length"), "bench")
-        figures |= {"ttft.png": _ttft(cells), "speedup.png": _speedup_map(cells)}
+    for i, one in enumerate(_benches(bench)):
+        cells, tag = _entries(one, "cells", ("branches", "length"), "bench"), "" if i == 0 else f"-{i + 1}"
+        figures |= {f"ttft{tag}.png": _ttft(cells, _model(one)), f"speedup{tag}.png": _speedup_map(cells, _model(one))}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -212,7 +224,8 @@ def _ms(x: float) -> str:
 
 SUMMARY_COLUMNS = (
     ("task", "task", None), ("method", "method", None), ("n", "n", "{:.0f}".format),
-    ("accuracy", "accuracy", _pct), ("agreement", "agreement with text", _pct),
+    ("accuracy", "accuracy", _pct), ("agreement", "agreement with text (final answer)", _pct),
+    ("identical", "identical to text", _pct),
     ("ttft_median_s", "TTFT median (ms)", _ms), ("ttft_p90_s", "TTFT p90 (ms)", _ms),
     ("prefill_tokens_mean", "prefill tokens (mean)", "{:.1f}".format),
     ("latency_median_s", "latency median (s)", "{:.2f}".format))
@@ -223,10 +236,10 @@ BENCH_COLUMNS = (
     ("speedup", "speed-up", "{:.1f}×".format), ("overhead", "overhead over floor", _pct))
 
 
-def _environment(summary: dict, bench: dict | None) -> str:
+def _environment(summary: dict, benches: list[dict]) -> str:
     sources = {"eval": summary.get("environment")}
-    if bench is not None:
-        sources["bench"] = bench.get("environment")
+    for i, one in enumerate(benches):
+        sources["bench" if i == 0 else f"bench {i + 1}"] = one.get("environment")
     sources = {k: v if isinstance(v, dict) else {} for k, v in sources.items()}
     keys = _unique(k for env in sources.values() for k in env)
     rows = [{"key": k, **{s: env.get(k) for s, env in sources.items()}} for k in keys]
@@ -242,8 +255,8 @@ def _figures(pngs: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def _html(summary: dict, bench: dict | None, pngs: list[Path]) -> str:
-    commands = [str(d["command"]) for d in (summary, bench) if d is not None and d.get("command")]
+def _html(summary: dict, benches: list[dict], pngs: list[Path]) -> str:
+    commands = [str(d["command"]) for d in (summary, *benches) if d.get("command")]
     env = summary.get("environment") if isinstance(summary.get("environment"), dict) else {}
     model = env.get("model")
     title = "parsyn evaluation report" + (f" — {model}" if model else "")
@@ -251,23 +264,24 @@ def _html(summary: dict, bench: dict | None, pngs: list[Path]) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>created: {html.escape(str(summary.get('created') or 'not recorded'))}</p>",
              "<h2>Commands</h2>" + "".join(f"<pre>{html.escape(c)}</pre>" for c in commands),
-             "<h2>Environment</h2>" + _environment(summary, bench)]
+             "<h2>Environment</h2>" + _environment(summary, benches)]
     if config:
         parts.append("<h2>Configuration</h2>" + _table((("key", "key", None), ("value", "value", None)),
                                                         [{"key": k, "value": v} for k, v in config.items()]))
     parts.append("<h2>Results by task and method</h2>" + _table(SUMMARY_COLUMNS, summary["rows"]))
-    if bench is not None:
-        cells = [{**c, "speedup": _speedup(c), "total_tokens": _total_tokens(c)} for c in bench["cells"]]
+    for one in benches:
+        cells = [{**c, "speedup": _speedup(c), "total_tokens": _total_tokens(c)} for c in one["cells"]]
         layout = (("layout", "layout", None),) if any("layout" in c for c in cells) else ()
-        parts.append("<h2>Time to first token by route</h2>" + _table(layout + BENCH_COLUMNS, cells))
+        model = f" — {_model(one)}" if _model(one) else ""
+        parts.append(f"<h2>Time to first token by route{html.escape(model)}</h2>" + _table(layout + BENCH_COLUMNS, cells))
     parts.append("<h2>Plots</h2>" + _figures(pngs))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
-def write_report(results_dir: Path, *, bench: Path | None = None, out: Path | None = None) -> Path:
-    """Write an HTML report of results_dir/summary.json (and of the bench JSON at `bench`, if given).
+def write_report(results_dir: Path, *, bench: Path | Sequence[Path] | None = None, out: Path | None = None) -> Path:
+    """Write an HTML report of results_dir/summary.json (and of the bench JSON file or files at `bench`).
 
     The PNGs of `plots` are written next to the HTML (default results_dir/report.html) and embedded in it.
     ValueError naming the file when summary.json or the bench file is missing, unreadable or malformed.
@@ -275,8 +289,9 @@ def write_report(results_dir: Path, *, bench: Path | None = None, out: Path | No
     """
     results_dir = Path(results_dir)
     summary = load_results(results_dir / "summary.json", "rows", ("task", "method"))
-    bench_data = load_results(Path(bench), "cells", ("branches", "length")) if bench is not None else None
+    paths = [] if bench is None else [bench] if isinstance(bench, (str, Path)) else list(bench)
+    benches = [load_results(Path(p), "cells", ("branches", "length")) for p in paths]
     out = Path(out) if out is not None else results_dir / "report.html"
-    pngs = plots(summary, bench_data, out.parent)
-    out.write_text(_html(summary, bench_data, pngs), encoding="utf-8")
+    pngs = plots(summary, benches, out.parent)
+    out.write_text(_html(summary, benches, pngs), encoding="utf-8")
     return out

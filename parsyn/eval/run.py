@@ -8,6 +8,9 @@ Methods:
 - `cacheblend`: CacheBlend-style selective recompute of the ~15% most deviating branch tokens;
 - `ape`: APE-style training-free attention temperature and scale on branch spans (parallel layout).
 
+Agreement with text synthesis compares the final answers (the number, choice, span or program each text
+commits to); `identical` counts answers whose whole text is the same. Rows of task `all` pool every item.
+
 Predictions go to predictions.jsonl, one line per finished item holding every method's answer, score
 and timings; a killed run resumes after its last complete line, counting nothing twice.
 """
@@ -96,7 +99,10 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
     text = results.get("text", {}).get("answer")
     for method, r in results.items():
         r["score"] = T.score(item, r["answer"])
-        r["agrees"] = None if text is None or method == "single" else r["answer"] == text
+        r["final"] = final_answer(item, r["answer"])
+        compared = text is not None and method != "single"
+        r["agrees"] = r["final"] == final_answer(item, text) if compared else None
+        r["identical"] = r["answer"] == text if compared else None
     return {
         "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
         "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids)} for b in f.branches],
@@ -124,6 +130,12 @@ def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trai
     s = synthesize(lm, f, sampling=sampling, **kwargs)
     return {"answer": s.answer, "ttft_s": s.ttft_s, "latency_s": s.total_s, "prefill_tokens": s.prefill_tokens,
             "provenance": [asdict(p) for p in s.provenance]}
+
+
+def final_answer(item: T.Item, text: str) -> str:
+    """The answer a text commits to, normalised for comparison: two syntheses agree when these match."""
+    said = T.extract(item.task, text, choices=item.choices)
+    return T.normalize_span(said) if T.task(item.task).kind == "span" else said.strip()
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -164,18 +176,22 @@ def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], 
     from ..bench import environment
 
     table = []
-    for task in config.tasks:
-        mine = [r for r in rows if r["task"] == task]
+    groups = [(task, [r for r in rows if r["task"] == task]) for task in config.tasks]
+    if len(config.tasks) > 1:
+        groups.append(("all", list(rows)))  # every item counts once, whatever its task
+    for task, mine in groups:
         for method in methods:
             got = [r["methods"][method] for r in mine if method in r["methods"]]
             if not got:
                 continue
             agree = [g["agrees"] for g in got if g.get("agrees") is not None]
+            same = [g["identical"] for g in got if g.get("identical") is not None]
             ttft = sorted(g["ttft_s"] for g in got)
             table.append({
                 "task": task, "method": method, "n": len(got),
                 "accuracy": sum(bool(g["score"]) for g in got) / len(got),
                 "agreement": sum(agree) / len(agree) if agree else None,
+                "identical": sum(same) / len(same) if same else None,
                 "ttft_median_s": statistics.median(ttft),
                 "ttft_p90_s": ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
                 "prefill_tokens_mean": statistics.mean(g["prefill_tokens"] for g in got),
