@@ -101,8 +101,14 @@ def _lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 
 def _switch(model: nn.Module, on: bool) -> None:
+    """Turn the LoRA layers on or off, leaving their parameters' requires_grad as it was: PEFT's toggle
+    also sets it, and a flag cleared before backward makes autograd drop the LoRA's gradients."""
     for layer in _lora_layers(model):
+        params = [p for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+        trainable = [p.requires_grad for p in params]
         layer.enable_adapters(on)
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
 
 
 def identity(lm: LM) -> dict:

@@ -138,6 +138,13 @@ def test_training_checkpoints_and_a_stopped_run_resumes_exactly(tmp_path, tiny_d
     for x, y in zip(a.mapper.parameters(), b.mapper.parameters()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     assert not torch.equal(a.mapper.value_tags, torch.zeros_like(a.mapper.value_tags))  # it trained
+    from safetensors.torch import load_file
+
+    lora_a, lora_b = (load_file(p / "checkpoint" / A.WEIGHTS) for p in (tmp_path / "whole", run))
+    ups = [k for k in lora_a if "lora_B" in k]
+    assert ups and all(lora_a[k].abs().sum() > 0 for k in ups)  # LoRA B starts at zero: the LoRA trained too
+    for k in ups:
+        torch.testing.assert_close(lora_a[k], lora_b[k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="steps"):
         train(lm, tiny_data, run, dataclasses.replace(config, steps=6), show_progress=False)
     assert b.config == adapter and b.recipe["train"]["steps"] == 4 and whole.path.name == "checkpoint"
