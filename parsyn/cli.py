@@ -101,10 +101,10 @@ def run(
     results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained) for r in routes}
     if as_json:
         report = _as_dict(f, results, lm.name)
-        report["adapter"] = trained.name if trained else None
+        report["adapter"] = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"
         print(json.dumps(report, indent=2))
     else:
-        _show(f, results)
+        _show(f, results, trained=trained is not None)
 
 
 @app.command()
@@ -196,7 +196,7 @@ def fidelity(
     print(out_text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": trained.name if trained else None, "held_out": len(items),
+        out.write_text(json.dumps({"checkpoint": checkpoint if trained else None, "held_out": len(items),
                                    "probe": probe, "rows": rows}, indent=2) + "\n")
 
 
@@ -353,7 +353,7 @@ class _worker_progress:
             self.progress.stop()
 
 
-def _show(f, results) -> None:
+def _show(f, results, *, trained: bool = False) -> None:
     for i, b in enumerate(f.branches, 1):
         title = f"worker {i}" + (f" · {b.role}" if b.role else "") + f" · {len(b.token_ids)} tokens"
         out.print(Panel(b.text or "(empty)", title=title, title_align="left", border_style="dim"))
@@ -361,7 +361,7 @@ def _show(f, results) -> None:
     for column in ("route", "answer", "TTFT", "prefilled"):
         table.add_column(column)
     for name, s in results.items():
-        label = name if s.layout is None else f"{name} ({s.layout})"
+        label = name if s.layout is None else f"{name} ({s.layout}{', trained' if trained else ''})"
         table.add_row(label, s.answer, f"{s.ttft_s * 1000:.0f} ms", f"{s.prefill_tokens} tokens")
     out.print(table)
     if len(results) == 2:
