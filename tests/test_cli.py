@@ -26,15 +26,22 @@ def test_run_both_routes_as_json():
     text, cache = report["routes"]["text"], report["routes"]["cache"]
     assert cache["layout"] == "parallel" and text["layout"] is None
     assert text["prefill_tokens"] > cache["prefill_tokens"] > 0
-    assert [p["how"] for p in cache["provenance"]] == ["reused", "reused", "reused", "recomputed"]
+    # the packaged synthesizer is on by default: its mapper calibrates every branch span
+    assert report["adapter"] == "auto (packaged)"
+    assert [p["how"] for p in cache["provenance"]] == ["reused", "mapped", "mapped", "recomputed"]
     assert report["speedup"] == pytest.approx(text["ttft_s"] / cache["ttft_s"])
+    raw = json.loads(parsyn("run", "What is the capital of France?", "--workers", "2", "--max-new-tokens", "4",
+                            "--adapter", "none", "--json").stdout)
+    assert raw["adapter"] is None
+    assert [p["how"] for p in raw["routes"]["cache"]["provenance"]] == ["reused", "reused", "reused", "recomputed"]
 
 
 def test_run_given_branches_with_display():
     done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter.", "--branch", "Jupiter is the largest planet.",
                   "--route", "cache", "--layout", "sequential", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr
-    assert "worker 2" in done.stdout and "cache (sequential)" in done.stdout and "Jupiter is the largest" in done.stdout
+    assert "worker 2" in done.stdout and "cache (sequential," in done.stdout and "trained)" in done.stdout
+    assert "Jupiter is the largest" in done.stdout
 
 
 @pytest.fixture(scope="module")
