@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from parsyn import load
 from parsyn.adapter import AdapterConfig

@@ -96,13 +96,13 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
     results = {}
     for method in methods:
         results[method] = _method(lm, item, f, method, answer, trained)
-    text = results.get("text", {}).get("answer")
+    for r in results.values():
+        r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
+    text = results.get("text")
     for method, r in results.items():
-        r["score"] = T.score(item, r["answer"])
-        r["final"] = final_answer(item, r["answer"])
         compared = text is not None and method != "single"
-        r["agrees"] = r["final"] == final_answer(item, text) if compared else None
-        r["identical"] = r["answer"] == text if compared else None
+        r["agrees"] = r["final"] == text["final"] if compared else None
+        r["identical"] = r["answer"] == text["answer"] if compared else None
     return {
         "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
         "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids)} for b in f.branches],
