@@ -35,6 +35,8 @@ CANDIDATES = {
     "kl-tagged": TrainConfig(loss=KL, adapter=AdapterConfig(mapper=MapperConfig(kind="tagged"))),
     # + a structural aid: the first 4 tokens of every branch recomputed at synthesis
     "kl-tagged-aid4": TrainConfig(loss=KL, adapter=AdapterConfig(mapper=MapperConfig(kind="tagged"), recompute=4)),
+    # the LoRA alone, no mapper
+    "kl-lora": TrainConfig(loss=KL, adapter=AdapterConfig()),
     # KL with a little cross-entropy
     "kl+ce-tagged": TrainConfig(loss=dataclasses.replace(KL, ce=0.1), adapter=AdapterConfig(mapper=MapperConfig(kind="tagged"))),
 }

@@ -84,14 +84,21 @@ class TaggedMapper(nn.Module):
         per = self.config.bound * torch.tanh(torch.einsum("lr,lrw->lw", low, self.head))
         per = per.view(self.n_layers, 4, 1, self.heads, 1, self.head_dim)  # broadcast over batch and tokens
         tag = min(index, self.config.max_branches - 1)
-        zero = torch.zeros_like(kv.positions)
+        key_tags = self._rotated_key_tags(tag, kv.positions)
         keys, values = [], []
         for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            key_tag = self.key_tags[tag, i][None, :, None, :].expand(1, -1, kv.length, -1)
-            key_tag = rotate(key_tag, self.inv_freq[i], zero, kv.positions)  # a key at each token's position
-            keys.append(k * (1 + per[i, 0, 0]) + per[i, 1, 0] + key_tag)
+            keys.append(k * (1 + per[i, 0, 0]) + per[i, 1, 0] + key_tags[i])
             values.append(v * (1 + per[i, 2, 0]) + per[i, 3, 0] + self.value_tags[tag, i][None, :, None, :])
         return KV(tuple(keys), tuple(values), kv.positions)
+
+    def _rotated_key_tags(self, tag: int, positions: torch.Tensor) -> torch.Tensor:
+        """[layers, 1, heads, tokens, head_dim]: the branch's key tag as a key at each token's position;
+        one rotation for all layers when they share their frequencies (all but Gemma-style models)."""
+        tags = self.key_tags[tag][:, :, None, :].expand(-1, -1, positions.numel(), -1)
+        zero = torch.zeros_like(positions)
+        if all(torch.equal(f, self.inv_freq[0]) for f in self.inv_freq[1:]):
+            return rotate(tags, self.inv_freq[0], zero, positions)[:, None]
+        return torch.stack([rotate(tags[i : i + 1], f, zero, positions) for i, f in enumerate(self.inv_freq)])
 
 
 def build_mapper(config: MapperConfig, model_config, rope: Rope) -> nn.Module:

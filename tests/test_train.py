@@ -246,6 +246,10 @@ def test_packaged_checkpoint_loads_for_the_embedded_model_only(tokenizer):
     trained = A.resolve(lm, "auto")
     assert trained is not None and trained.config.mapper is not None and trained.config.mapper.kind == "tagged"
     assert trained.recipe["train"]["steps"] >= 1000
+    from safetensors.torch import load_file
+
+    ups = [v for k, v in load_file(trained.path / A.WEIGHTS).items() if "lora_B" in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # the LoRA trained (B starts at zero)
     assert not torch.allclose(prepare(lm, f, synthesizer=trained).logits, raw, atol=1e-3)
     torch.testing.assert_close(prepare(lm, f).logits, raw, atol=0, rtol=0)  # switched off outside the route
     assert A.resolve(tiny_lm("qwen3", tokenizer), "auto") is None
