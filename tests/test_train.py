@@ -15,7 +15,7 @@ from parsyn import adapter as A
 from parsyn.compose import compose
 from parsyn.decode import SamplingParams
 from parsyn.mapper import MapperConfig, build_mapper
-from parsyn.rope import rope_of
+from parsyn.rope import rope_of, rotate
 from parsyn.synthesis import prepare, synthesize
 from parsyn.train.data import DataConfig, generate, read_items, specs
 from parsyn.train.loop import TrainConfig, student_logits, train
@@ -63,6 +63,24 @@ def test_tagged_mapper_tells_branches_apart(lm):
     kv = from_texts(lm, QUESTION, TEXTS).branches[0].kv
     first, second = mapper(kv, 0, 2), mapper(kv, 1, 2)
     assert not torch.allclose(first.values[0], second.values[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_tagged_key_tags_are_keys_at_each_tokens_position(family, tokenizer):
+    """One rotation serves all layers when they share frequencies; Gemma 3's local and global layers
+    do not, and each layer's tag must still be rotated with its own."""
+    lm = tiny_lm(family, tokenizer)
+    rope = rope_of(lm.model)
+    mapper = build_mapper(MapperConfig(kind="tagged"), lm.config, rope)
+    with torch.no_grad():
+        mapper.key_tags.normal_()
+    positions = torch.arange(5, 12)
+    got = mapper._rotated_key_tags(1, positions)
+    for i, freq in enumerate(rope.inv_freq):
+        tag = mapper.key_tags[1, i][None, :, None, :].expand(1, -1, positions.numel(), -1)
+        torch.testing.assert_close(got[i], rotate(tag, freq, torch.zeros_like(positions), positions), atol=1e-6, rtol=0)
+    shared = all(torch.equal(f, rope.inv_freq[0]) for f in rope.inv_freq)
+    assert shared == (family == "llama")
 
 
 def test_losses():
