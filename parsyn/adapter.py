@@ -9,8 +9,8 @@ synthesizes: workers and the text route always run the base model.
 from __future__ import annotations
 
 import hashlib
-import weakref
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,7 +108,8 @@ def _lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 
 def _switch(model: nn.Module, on: bool) -> None:
-    """Turn the LoRA layers on or off by the flag their forward reads. PEFT's `enable_adapters` also
+    """Turn the LoRA layers on or off by the flag their forward reads (PEFT's own, set directly on
+    purpose; peft is pinned and the tests check both states against the base model). `enable_adapters` also
     rewrites every adapter parameter's requires_grad: it costs ~4 ms per switch (three switches come
     before a cache route's first token), and a flag cleared before backward drops the LoRA's gradients."""
     for layer in _lora_layers(model):

@@ -72,6 +72,7 @@ class TaggedMapper(nn.Module):
         super().__init__()
         self.config, self.n_layers, self.heads, self.head_dim = config, n_layers, heads, head_dim
         self.inv_freq = rope.inv_freq
+        self.shared_freq = all(torch.equal(f, rope.inv_freq[0]) for f in rope.inv_freq[1:])
         width = 4 * heads * head_dim  # scale and shift, for K and V
         self.net = nn.Sequential(nn.Linear(3, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.rank))
         self.head = nn.Parameter(torch.zeros(n_layers, config.rank, width))
@@ -96,7 +97,7 @@ class TaggedMapper(nn.Module):
         one rotation for all layers when they share their frequencies (all but Gemma-style models)."""
         tags = self.key_tags[tag][:, :, None, :].expand(-1, -1, positions.numel(), -1)
         zero = torch.zeros_like(positions)
-        if all(torch.equal(f, self.inv_freq[0]) for f in self.inv_freq[1:]):
+        if self.shared_freq:
             return rotate(tags, self.inv_freq[0], zero, positions)[:, None]
         return torch.stack([rotate(tags[i : i + 1], f, zero, positions) for i, f in enumerate(self.inv_freq)])
 

@@ -79,8 +79,7 @@ def test_tagged_key_tags_are_keys_at_each_tokens_position(family, tokenizer):
     for i, freq in enumerate(rope.inv_freq):
         tag = mapper.key_tags[1, i][None, :, None, :].expand(1, -1, positions.numel(), -1)
         torch.testing.assert_close(got[i], rotate(tag, freq, torch.zeros_like(positions), positions), atol=1e-6, rtol=0)
-    shared = all(torch.equal(f, rope.inv_freq[0]) for f in rope.inv_freq)
-    assert shared == (family == "llama")
+    assert mapper.shared_freq == (family == "llama")
 
 
 def test_losses():
