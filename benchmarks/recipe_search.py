@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-
 from parsyn import load
 from parsyn.adapter import AdapterConfig
 from parsyn.adapter import load as load_checkpoint

@@ -8,17 +8,14 @@ LoRA only, and both; plus one LoRA switch on and off. Medians of round-robin rep
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
 from parsyn import adapter, bench, from_texts, load
+from parsyn.fidelity import ablations
 from parsyn.synthesis import prepare
-
-QUESTION = "Why is the sky blue? Answer briefly."
-BRANCH = "The reason is that light scatters off small molecules, and blue light scatters the most. "
 
 
 def main() -> None:
@@ -26,39 +23,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the JSON here as well")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--branches", type=int, default=3)
-    parser.add_argument("--copies", type=int, default=5, help="sentences per branch")
+    parser.add_argument("--length", type=int, default=100, help="tokens per branch")
     args = parser.parse_args()
     lm = load()
     trained = adapter.resolve(lm, "auto")
     if trained is None:
         raise SystemExit("error: no packaged checkpoint for the default model")
-    f = from_texts(lm, QUESTION, [BRANCH * args.copies] * args.branches)
-    variants = {
-        "raw": None,
-        "mapper only": dataclasses.replace(trained, config=dataclasses.replace(trained.config, lora=False)),
-        "LoRA only": dataclasses.replace(trained, mapper=None),
-        "mapper + LoRA": trained,
-    }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(2):  # warm-up
-        for synthesizer in variants.values():
-            prepare(lm, f, synthesizer=synthesizer)
-    for _ in range(args.repeats):
-        for name, synthesizer in variants.items():
+    f = from_texts(lm, "Summarize the findings of the workers.", [bench.branch_text(lm, args.length)] * args.branches)
+
+    def timer(synthesizer):
+        def run() -> float:
             t0 = time.perf_counter()
             prepare(lm, f, synthesizer=synthesizer)
-            times[name].append(time.perf_counter() - t0)
-    switches = []
-    for _ in range(args.repeats * 5):
+            return time.perf_counter() - t0
+        return run
+
+    def switch() -> float:
         t0 = time.perf_counter()
         with adapter.lora_on(lm, trained):
             pass
-        switches.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    timers = {v.name: timer(v.synthesizer) for v in ablations(trained, ["parallel"])}
+    times = bench.round_robin({**timers, "LoRA switch on and off": switch}, args.repeats)
     report = {
         "environment": bench.environment(lm),
         "branch_tokens": [len(b.token_ids) for b in f.branches],
-        "prepare_ms": {name: 1000 * statistics.median(xs) for name, xs in times.items()},
-        "lora_switch_on_off_ms": 1000 * statistics.median(switches),
+        "median_ms": {name: 1000 * statistics.median(xs) for name, xs in times.items()},
     }
     text = json.dumps(report, indent=2)
     print(text)

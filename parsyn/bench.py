@@ -61,7 +61,7 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "cache": lambda: synthesize(lm, f, route="cache", layout=layout, sampling=FIRST_TOKEN).ttft_s,
         "floor": floor,
     }
-    times = _round_robin(timers, repeats)
+    times = round_robin(timers, repeats)
     text, cache, low = (statistics.median(times[k]) for k in ("text", "cache", "floor"))
     return {
         "branches": branches,
@@ -124,7 +124,8 @@ def random_lm(shape: str, tokenizer=None, device: str = "cpu") -> LM:
     return wrap(model, tokenizer, f"random {shape}")
 
 
-def _round_robin(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def round_robin(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per timer: one warm-up call each, then `repeats` rounds taking the timers in turn."""
     for timer in timers.values():  # warm-up
         timer()
     times: dict[str, list[float]] = {k: [] for k in timers}

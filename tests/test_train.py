@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from parsyn import adapter as A
@@ -155,8 +156,6 @@ def test_training_checkpoints_and_a_stopped_run_resumes_exactly(tmp_path, tiny_d
     for x, y in zip(a.mapper.parameters(), b.mapper.parameters()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     assert not torch.equal(a.mapper.value_tags, torch.zeros_like(a.mapper.value_tags))  # it trained
-    from safetensors.torch import load_file
-
     lora_a, lora_b = (load_file(p / "checkpoint" / A.WEIGHTS) for p in (tmp_path / "whole", run))
     ups = [k for k in lora_a if "lora_B" in k]
     assert ups and all(lora_a[k].abs().sum() > 0 for k in ups)  # LoRA B starts at zero: the LoRA trained too
@@ -263,8 +262,6 @@ def test_packaged_checkpoint_loads_for_the_embedded_model_only(tokenizer):
     trained = A.resolve(lm, "auto")
     assert trained is not None and trained.config.mapper is not None and trained.config.mapper.kind == "tagged"
     assert trained.recipe["train"]["steps"] >= 1000
-    from safetensors.torch import load_file
-
     ups = [v for k, v in load_file(trained.path / A.WEIGHTS).items() if "lora_B" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # the LoRA trained (B starts at zero)
     assert not torch.allclose(prepare(lm, f, synthesizer=trained).logits, raw, atol=1e-3)
