@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from parsyn import bench, load
+from parsyn import load
+from parsyn.eval import bench
 
 
 def main() -> None:

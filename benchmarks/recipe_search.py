@@ -17,7 +17,7 @@ from pathlib import Path
 from parsyn import load
 from parsyn.adapter import AdapterConfig
 from parsyn.adapter import load as load_checkpoint
-from parsyn.fidelity import Variant, evaluate
+from parsyn.eval.fidelity import Variant, evaluate
 from parsyn.mapper import MapperConfig
 from parsyn.train.data import read_items
 from parsyn.train.loop import TrainConfig, split, train

@@ -13,8 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
-from parsyn import adapter, bench, from_texts, load
-from parsyn.fidelity import ablations
+from parsyn import adapter, from_texts, load
+from parsyn.eval import bench
+from parsyn.eval.fidelity import ablations
 from parsyn.synthesis import prepare
 
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_write, write_json
 from .layout import LAYOUTS
 from .mapper import MapperConfig, build_mapper
 from .model import LM
@@ -164,15 +165,9 @@ def save(synthesizer: Synthesizer, lm: LM, path: Path) -> Path:
         tensors.update({f"mapper.{k}": v.detach().float().cpu().contiguous() for k, v in synthesizer.mapper.state_dict().items()})
     meta = {"format": FORMAT, "version": 1, "base": synthesizer.base, "adapter": asdict(synthesizer.config),
             "recipe": synthesizer.recipe, "metrics": synthesizer.metrics}
-    _atomic(path / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(path / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    write_json(path / CONFIG, meta)
     return path
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    tmp.replace(target)
 
 
 def load(lm: LM, path: Path) -> Synthesizer:

@@ -10,8 +10,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import cpu
+from .files import atomic_folder
 
 log = logging.getLogger("parsyn")
 
@@ -131,6 +130,11 @@ def default_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
 
 
+def default_tokenizer() -> PreTrainedTokenizerBase:
+    """The embedded default model's tokenizer (converting the model once if needed)."""
+    return AutoTokenizer.from_pretrained(_converted(default_gguf()))
+
+
 def load(
     path: str | os.PathLike | None = None,
     *,
@@ -191,14 +195,8 @@ def _converted(gguf: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors once (about 30 s) into %s", gguf.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _convert(gguf, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

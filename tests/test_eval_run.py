@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from parsyn.bench import random_lm, sweep
+from parsyn.eval.bench import random_lm, sweep
 from parsyn.decode import SamplingParams
 from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
 from parsyn.eval.tasks import load

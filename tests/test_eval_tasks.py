@@ -6,6 +6,7 @@ import pytest
 
 from parsyn import datasets as D
 from parsyn.eval import tasks as T
+from parsyn.text import split_passage
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "mmlu": 14042, "arc_challenge": 1172, "arc_easy": 2376, "medqa": 1273,
           "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500}
@@ -71,8 +72,8 @@ def test_squad_split_cuts_each_passage_into_one_part_per_worker(parts):
 
 def test_split_passage_keeps_sentences_whole():
     text = "One two. Three four! Five six? Seven."
-    assert T.split_passage(text, 2) == ("One two. Three four!", "Five six? Seven.")
-    assert T.split_passage("Only one sentence here", 3) == ("Only", "one", "sentence here")
+    assert split_passage(text, 2) == ("One two. Three four!", "Five six? Seven.")
+    assert split_passage("Only one sentence here", 3) == ("Only", "one", "sentence here")
 
 
 def test_gold_numbers_score_in_natural_phrasings():

@@ -270,7 +270,7 @@ def test_packaged_checkpoint_loads_for_the_embedded_model_only(tokenizer):
 
 
 def test_fidelity_rows_for_raw_and_trained_parts(tiny_data, tokenizer):
-    from parsyn.fidelity import ablations, evaluate, table
+    from parsyn.eval.fidelity import ablations, evaluate, table
 
     lm = tiny_lm("llama", tokenizer)
     items = read_items(tiny_data)[:3]

@@ -29,8 +29,10 @@ from ..adapter import Synthesizer, resolve
 from ..decode import SamplingParams
 from ..model import LM
 from ..synthesis import CacheOptions, synthesize
+from ..files import Records, read_records, write_json
 from ..workers import fork
 from . import tasks as T
+from .bench import environment
 
 METHODS = ("single", "text", "cache-parallel", "cache-sequential", "cache-trained", "cacheblend", "ape")
 ROLES = ("Solve it step by step.", "Answer directly and briefly.", "Check the question carefully, then answer.",
@@ -73,15 +75,14 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "", progress: C
     items = [item for task in config.tasks for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
     path = out / "predictions.jsonl"
     done = {r["id"] for r in read_predictions(path)}
-    with path.open("a", encoding="utf-8") as fh:
+    with Records(path) as records:
         for n, item in enumerate(items, 1):
             if item.id not in done:
-                fh.write(json.dumps(evaluate_item(lm, item, config, methods, trained)) + "\n")
-                fh.flush()
+                records.append(evaluate_item(lm, item, config, methods, trained))
             if progress:
                 progress(n, len(items), item.task)
     summary = summarize(read_predictions(path), config, methods, lm, command)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -139,28 +140,19 @@ def final_answer(item: T.Item, text: str) -> str:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """Finished items of a predictions file. A last line cut short by a kill is dropped (and cut from the
-    file so appends stay valid); any other unreadable line stops with its number."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
+    """Finished items of a predictions file, each id once. A last line cut short by a kill is ignored;
+    any other unreadable line stops with its number."""
     rows, seen = [], set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            row["id"], row["methods"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}: line {number} is not a prediction record; fix or remove it to resume") from None
+    for row in read_records(path, check=_check_prediction):
         if row["id"] not in seen:
             seen.add(row["id"])
             rows.append(row)
     return rows
+
+
+def _check_prediction(row: dict) -> None:
+    if not isinstance(row["id"], str) or not isinstance(row["methods"], dict):
+        raise ValueError("not a prediction record; fix or remove it to resume")
 
 
 def _check_config(path: Path, config: EvalConfig) -> None:
@@ -169,12 +161,10 @@ def _check_config(path: Path, config: EvalConfig) -> None:
         if json.loads(path.read_text()) != mine:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; use the same ones to resume or a new folder")
     else:
-        path.write_text(json.dumps(mine, indent=2) + "\n")
+        write_json(path, mine)
 
 
 def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], lm: LM, command: str) -> dict:
-    from ..bench import environment
-
     table = []
     groups = [(task, [r for r in rows if r["task"] == task]) for task in config.tasks]
     if len(config.tasks) > 1:

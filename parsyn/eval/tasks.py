@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import datasets as D
+from ..text import contains_answer
+from ..text import normalize_answer as normalize_span
+from ..text import split_passage
 from . import sandbox
 
 KINDS = ("number", "math", "choice", "yesno", "span", "code")
@@ -184,16 +186,6 @@ def load(name: str, *, limit: int | None = None, seed: int = 0, parts: int = 3) 
     return [items[i] for i in order[:limit]]
 
 
-def split_passage(passage: str, parts: int) -> tuple[str, ...]:
-    """`passage` cut into `parts` consecutive chunks of whole sentences (whole words when it has fewer
-    sentences than parts), as even in count as possible; joined with spaces they give the passage back."""
-    units = re.split(r"(?<=[.!?])\s+", passage.strip())
-    if len(units) < parts:
-        units = passage.split()
-    n = len(units)
-    return tuple(" ".join(units[i * n // parts:(i + 1) * n // parts]) for i in range(parts))
-
-
 # ---------------------------------------------------------------- extraction
 
 NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+"
@@ -311,12 +303,6 @@ def extract_code(text: str) -> str:
 
 # ---------------------------------------------------------------- normalization and scoring
 
-def normalize_span(text: str) -> str:
-    """SQuAD normalization: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(" " if ch in string.punctuation else ch for ch in text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
 _LATEX_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle", r"\$", "$", r"\%", "%",
                r"^{\circ}", r"^\circ", r"\circ")
 
@@ -388,8 +374,7 @@ def score(item: Item, answer_text: str, *, timeout_s: float = 10.0) -> bool:
     if kind == "code":
         return sandbox.run(program(item, answer_text), limits=sandbox.Limits(timeout_s=timeout_s)).passed
     if kind == "span":
-        said = f" {normalize_span(extract('span', answer_text))} "
-        return any(normalize_span(g) and f" {normalize_span(g)} " in said for g in item.gold)
+        return contains_answer(extract("span", answer_text), item.gold)
     if kind == "number":
         return any(_same_number(extract_number(answer_text), g) for g in item.gold)
     if kind == "math":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +22,10 @@ import torch
 from .. import datasets as D
 from ..chat import DEFAULT_INSTRUCTION, ChatFormat
 from ..decode import SamplingParams, decode_, prefill_rows
+from ..files import Records, read_records, write_json
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
+from ..text import contains_answer, split_passage
 from ..workers import encode_texts
 
 KINDS = ("facts", "evidence", "icl", "chat", "workers")
@@ -92,19 +93,12 @@ def _facts(n: int, rng: random.Random) -> list[Spec]:
     return [Spec(f.id, "facts", f.question, f.branches, gold=(f.answer,)) for f in map(fact_item, seeds)]
 
 
-def _split_passage(text: str, parts: int) -> list[str]:
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-    parts = max(1, min(parts, len(sentences)))
-    size = -(-len(sentences) // parts)
-    return [" ".join(sentences[i : i + size]) for i in range(0, len(sentences), size)]
-
-
 def _evidence(n: int, rng: random.Random) -> list[Spec]:
     pool = [(r, "squad") for r in D.squad("train")] + [(r, "drop") for r in D.drop("train")]
     pool += [(r, "boolq") for r in D.boolq("train")]
     out = []
     for r, src in rng.sample(pool, min(n, len(pool))):
-        parts = _split_passage(r["passage"][:1200], rng.randint(2, 4))
+        parts = [p for p in split_passage(r["passage"][:1200], rng.randint(2, 4)) if p]
         gold = (r["answer"],) if src == "boolq" else tuple(r["answers"])
         question = r["question"] + ("?" if src == "boolq" and not r["question"].endswith("?") else "")
         out.append(Spec(f"{src}-{r['id']}", "evidence", question, tuple(parts), gold=gold))
@@ -168,16 +162,14 @@ def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, 
     path = out / "items.jsonl"
     manifest = {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES}
     _check_manifest(out / "manifest.json", manifest)
-    done = {item["id"] for item in read_items(path, on_error="skip")} if path.exists() else set()
-    _drop_partial_line(path)
+    done = {item["id"] for item in read_items(path, on_error="skip")}
     todo = [s for s in specs(config) if s.id not in done]
     todo.sort(key=lambda s: (s.kind == "workers", sum(len(t) for t in s.texts) + len(s.question)))  # less padding
     total = config.items
-    with path.open("a", encoding="utf-8") as fh:
+    with Records(path) as records:
         for start in range(0, len(todo), config.batch):
             for record in _teach(lm, todo[start : start + config.batch], config):
-                fh.write(json.dumps(record) + "\n")
-            fh.flush()
+                records.append(record)
             if progress:
                 progress(total - len(todo) + min(start + config.batch, len(todo)), total)
     return path
@@ -189,16 +181,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         if old.get("config") != new["config"] or old.get("model") != new["model"]:
             raise ValueError(f"{path.parent} holds data made with another config or model; use a new folder")
     else:
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _drop_partial_line(path: Path) -> None:
-    """A generation killed mid-write leaves a last line without newline: cut it so appends stay valid."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        write_json(path, manifest)
 
 
 def _worker_branches(lm: LM, batch: Sequence[Spec], config: DataConfig) -> dict[str, list[tuple[tuple, tuple]]]:
@@ -252,7 +235,7 @@ def _teach(lm: LM, batch: Sequence[Spec], config: DataConfig) -> Iterator[dict]:
             "topk_ids": [d[0].tolist() for d in decoded.topk[j]],
             "topk_logprobs": [[round(x, 4) for x in d[1].tolist()] for d in decoded.topk[j]],
             "value_mask": value_mask(answer, branches, list(prefix) + list(prompt), lm.stop_ids),
-            "teacher_right": right(text, spec.gold) if spec.gold else None,
+            "teacher_right": contains_answer(text, spec.gold) if spec.gold else None,
         }
 
 
@@ -263,16 +246,6 @@ def value_mask(answer: Sequence[int], branches: Sequence[Sequence[int]], context
     return [int(t in in_branches and t not in elsewhere) for t in answer]
 
 
-def normalize(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
-
-
-def right(answer: str, gold: Sequence[str]) -> bool:
-    """A gold answer appears in the answer (normalized, whole words)."""
-    said = f" {normalize(answer)} "
-    return any(f" {normalize(g)} " in said for g in gold if normalize(g))
-
-
 # ---------------------------------------------------------------- reading
 
 REQUIRED = ("id", "prefix_ids", "branch_ids", "prompt_ids", "answer_ids", "topk_ids", "topk_logprobs", "value_mask")
@@ -281,29 +254,12 @@ REQUIRED = ("id", "prefix_ids", "branch_ids", "prompt_ids", "answer_ids", "topk_
 def read_items(path: Path, *, on_error: str = "stop") -> list[dict]:
     """Items of a JSONL file. Malformed lines stop with their line numbers (`on_error="stop"`) or are
     skipped with a warning that names them (`"skip"`); never silently."""
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    items, bad = [], []
-    with Path(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                missing = [k for k in REQUIRED if k not in item]
-                if missing:
-                    raise ValueError(f"missing {', '.join(missing)}")
-                if not item["branch_ids"] or len(item["topk_ids"]) != len(item["answer_ids"]):
-                    raise ValueError("no branches, or answer and distributions differ in length")
-            except (json.JSONDecodeError, ValueError, TypeError) as error:
-                bad.append(f"{number} ({error})")
-                continue
-            items.append(item)
-    if bad:
-        message = f"{path}: {len(bad)} malformed line(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        if on_error == "stop":
-            raise ValueError(message)
-        import logging
+    return read_records(path, check=_check_item, on_error=on_error)
 
-        logging.getLogger("parsyn").warning("skipped %s", message)
-    return items
+
+def _check_item(item: dict) -> None:
+    missing = [k for k in REQUIRED if k not in item]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if not item["branch_ids"] or len(item["topk_ids"]) != len(item["answer_ids"]):
+        raise ValueError("no branches, or answer and distributions differ in length")

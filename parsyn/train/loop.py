@@ -28,6 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..adapter import AdapterConfig, Synthesizer, attach, lora_on, save
 from ..adapter import load as load_checkpoint
 from ..decode import forward_
+from ..files import Records, atomic_write, write_json
 from ..layout import LAYOUTS
 from ..mapper import MapperConfig
 from ..model import LM
@@ -231,8 +232,7 @@ def _check_run(run: Path, config: TrainConfig, data: Path, accelerator: Accelera
             raise ValueError(f"{run} holds a run with other settings ({', '.join(changed[:4])}); "
                              "resume with the same ones or use a new folder")
     elif accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(path, settings)
     accelerator.wait_for_everyone()
 
 
@@ -246,24 +246,21 @@ def _checkpoint(lm, synthesizer, optimizer, scheduler, step: int, run: Path) -> 
     save(synthesizer, lm, run / "checkpoint")
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
              "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
-    tmp = run / "trainer.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(run / "trainer.pt")
+    atomic_write(run / "trainer.pt", lambda p: torch.save(state, p))
 
 
 class _Log:
     """metrics.jsonl; on resume, lines past the resumed step are dropped so no step is counted twice."""
 
     def __init__(self, path: Path, start: int, main: bool):
-        self.path, self.main = path, main
-        if main and path.exists():
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-            path.write_text("".join(l + "\n" for l in kept))
+        self.records = Records(path) if main else None
+        if self.records is not None:
+            self.records.keep(lambda r: r.get("step", 0) <= start)
 
     def write(self, record: dict) -> None:
-        if self.main:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if self.records is not None:
+            with self.records as out:
+                out.append(record)
 
 
 def _bar(total: int, start: int, show: bool):

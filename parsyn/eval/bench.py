@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chat import DEFAULT_INSTRUCTION, ChatFormat
-from .compose import compose
-from .decode import SamplingParams
-from .model import LM
-from .rope import rope_of
-from .synthesis import prefill_over, synthesize
-from .workers import Fork, fork, from_texts
+from ..chat import DEFAULT_INSTRUCTION, ChatFormat
+from ..compose import compose
+from ..decode import SamplingParams
+from ..model import LM, default_tokenizer, wrap
+from ..rope import rope_of
+from ..synthesis import prefill_over, synthesize
+from ..workers import Fork, fork, from_texts
 
 FIRST_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
 
@@ -109,15 +109,13 @@ SHAPES = {
 def random_lm(shape: str, tokenizer=None, device: str = "cpu") -> LM:
     """A randomly initialised Qwen3 of a named shape (bf16 on GPUs, fp32 on CPU); the tokenizer defaults
     to the embedded model's (its ids fit any larger vocabulary)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
-
-    from .model import _converted, default_gguf, wrap
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)})")
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' is not available here")
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(_converted(default_gguf()))
+    tokenizer = tokenizer or default_tokenizer()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[shape]), dtype=dtype, attn_implementation="sdpa")

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import Synthesizer
-from .batch import answers
-from .decode import SamplingParams
-from .model import LM
-from .probe import probe_items
-from .synthesis import CacheOptions
-from .train.data import right
-from .train.loop import base_fork, student_logits
-from .train.loss import kl_per_position
-from .workers import from_texts
+from ..adapter import Synthesizer
+from ..batch import answers
+from ..decode import SamplingParams
+from ..model import LM
+from ..probe import probe_items
+from ..synthesis import CacheOptions
+from ..text import contains_answer
+from ..train.loop import base_fork, student_logits
+from ..train.loss import kl_per_position
+from ..workers import from_texts
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def evaluate(
     probe_sampling = SamplingParams(probe_tokens, 0.0)
     say("text route on the probe")
     text_probe = [t for _, t in answers(lm, probe_forks, route="text", sampling=probe_sampling)]
-    rows = [{"variant": "text", "layout": None, "probe_hits": _share(right(t, [p.answer]) for t, p in zip(text_probe, probe)),
+    rows = [{"variant": "text", "layout": None, "probe_hits": _share(contains_answer(t, [p.answer]) for t, p in zip(text_probe, probe)),
              "probe_agreement": 1.0, "agreement": 1.0, "token_agreement": 1.0, "kl": 0.0, "kl_value": 0.0}]
     for v in variants:
         say(v.name)
@@ -87,7 +87,7 @@ def evaluate(
             "variant": v.name, "layout": v.layout,
             "agreement": _share(tuple(g) == t for (g, _), t in zip(greedy, teacher)),
             "token_agreement": tokens, "kl": kl, "kl_value": kl_value,
-            "probe_hits": _share(right(s, [p.answer]) for s, p in zip(said, probe)),
+            "probe_hits": _share(contains_answer(s, [p.answer]) for s, p in zip(said, probe)),
             "probe_agreement": _share(s == t for s, t in zip(said, text_probe)),
         })
     return rows

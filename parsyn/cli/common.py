@@ -1,0 +1,67 @@
+"""What every command shares: the app, the consoles, model loading and progress bars."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Synthesize parallel LLM-agent branches from their KV caches.")
+out = Console()
+err = Console(stderr=True)
+
+
+class Route(str, Enum):
+    text = "text"
+    cache = "cache"
+    both = "both"
+
+
+class Layout(str, Enum):
+    parallel = "parallel"
+    sequential = "sequential"
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    for name in ("httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def load_model(model: Optional[str]):
+    from ..model import load
+
+    with err.status("loading model" if model else "loading the embedded SmolLM2-135M-Instruct"):
+        return load(model)
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+class steps:
+    """A progress bar for a counted job; yields tick(done, total)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+
+    def __enter__(self):
+        self.progress = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        task = self.progress.add_task(self.what, total=self.total)
+        self.progress.start()
+        return lambda done, total: self.progress.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+

@@ -1,0 +1,123 @@
+"""`parsyn run`: fork workers on a question and synthesize their branches by text, by cache, or both."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Optional
+
+import typer
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import Layout, Route, app, err, load_model, out
+
+
+@app.command()
+def run(
+    question: Annotated[str, typer.Argument(help="The question every worker answers.")],
+    workers: Annotated[int, typer.Option("--workers", "-n", help="Number of parallel workers.")] = 3,
+    role: Annotated[Optional[list[str]], typer.Option("--role", help="A role instruction per worker (repeat).")] = None,
+    branch: Annotated[Optional[list[str]], typer.Option("--branch", help="A ready branch text instead of running workers (repeat).")] = None,
+    route: Annotated[Route, typer.Option(help="Synthesis route.")] = Route.both,
+    layout: Annotated[Optional[Layout], typer.Option(help="Position layout of the cache route (default: the adapter's, else parallel).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit for each worker and for the synthesizer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Workers' sampling temperature (the synthesizer is greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Workers' nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    system: Annotated[Optional[str], typer.Option(help="System prompt of the shared prefix.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hugging Face model folder or .gguf file (default: embedded SmolLM2).")] = None,
+    adapter: Annotated[str, typer.Option(help="Trained synthesizer for the cache route: auto (the packaged one when it fits the model), none, or a checkpoint folder.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the display.")] = False,
+) -> None:
+    """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
+    from .decode import SamplingParams
+    from .synthesis import synthesize
+    from .workers import fork, from_texts
+
+    worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
+    synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
+    if not question.strip():  # cheap checks before the model loads
+        raise ValueError("the question is empty")
+    if not branch and workers < 1:
+        raise ValueError(f"need at least one worker, got {workers}")
+    lm = load_model(model)
+    roles = role or []
+    if branch:
+        f = from_texts(lm, question, branch, roles=roles, system=system)
+    else:
+        with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
+            f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling, on_token=on_token)
+    from .adapter import resolve
+
+    trained = resolve(lm, adapter)
+    routes = ["text", "cache"] if route == Route.both else [route.value]
+    chosen = layout.value if layout else None
+    results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained) for r in routes}
+    if as_json:
+        report = _as_dict(f, results, lm.name)
+        report["adapter"] = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"
+        print(json.dumps(report, indent=2))
+    else:
+        _show(f, results, trained=trained is not None)
+
+
+def _as_dict(f, results, model_name: str) -> dict:
+    report = {
+        "question": f.question,
+        "model": model_name,
+        "branches": [
+            {"role": b.role, "text": b.text, "tokens": len(b.token_ids), "generated": b.generated}
+            for b in f.branches
+        ],
+        "routes": {
+            name: {
+                "answer": s.answer, "layout": s.layout, "ttft_s": s.ttft_s, "total_s": s.total_s,
+                "prefill_tokens": s.prefill_tokens, "provenance": [asdict(p) for p in s.provenance],
+            }
+            for name, s in results.items()
+        },
+    }
+    if len(results) == 2:
+        report["speedup"] = results["text"].ttft_s / results["cache"].ttft_s
+    return report
+
+
+class _worker_progress:
+    """A live bar per worker while they decode; yields the on_token callback."""
+
+    def __init__(self, workers: int, limit: int, quiet: bool):
+        self.workers, self.limit, self.quiet = workers, limit, quiet
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if self.quiet or self.workers > 32:
+            return None
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+        tasks = [self.progress.add_task(f"worker {i + 1}", total=self.limit) for i in range(self.workers)]
+        self.progress.start()
+        return lambda row, _token: self.progress.advance(tasks[row])
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "progress"):
+            self.progress.stop()
+
+
+def _show(f, results, *, trained: bool = False) -> None:
+    for i, b in enumerate(f.branches, 1):
+        title = f"worker {i}" + (f" · {b.role}" if b.role else "") + f" · {len(b.token_ids)} tokens"
+        out.print(Panel(b.text or "(empty)", title=title, title_align="left", border_style="dim"))
+    table = Table(title="synthesis", title_justify="left")
+    for column in ("route", "answer", "TTFT", "prefilled"):
+        table.add_column(column)
+    for name, s in results.items():
+        label = name if s.layout is None else f"{name} ({s.layout}{', trained' if trained else ''})"
+        table.add_row(label, s.answer, f"{s.ttft_s * 1000:.0f} ms", f"{s.prefill_tokens} tokens")
+    out.print(table)
+    if len(results) == 2:
+        out.print(f"time to first token: cache route {results['text'].ttft_s / results['cache'].ttft_s:.1f}× faster "
+                  f"than text synthesis")
+
+

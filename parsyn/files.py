@@ -1,0 +1,128 @@
+"""Files that survive a kill: atomic writes, atomic folders, and append-only JSON-lines records.
+
+A write goes to a temporary name beside its target and is renamed over it, so a reader sees the old
+file or the new one, never half of one. A JSON-lines file is appended one flushed line per record; a
+line cut short by a kill is dropped when the file is read again for appending, so a resumed job counts
+nothing twice and loses nothing it had finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger("parsyn")
+
+
+def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
+    """Call write(tmp) on a temporary path beside `target`, then rename it over `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def write_json(target: Path, data: object) -> Path:
+    """`data` as indented JSON, written atomically."""
+    return atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; when the block ends without error it replaces `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_records(path: Path, *, check: Callable[[dict], None] = lambda r: None, on_error: str = "stop") -> list[dict]:
+    """The complete records of a JSON-lines file ([] when it does not exist).
+
+    A last line without its newline is what a kill leaves behind: it is ignored unless it is a whole JSON
+    object (only the newline was lost). Any other line that is
+    not a JSON object, or that `check` rejects (by raising ValueError, KeyError or TypeError), stops with
+    its line number (`on_error="stop"`) or is skipped with a warning naming it (`"skip"`); never silently."""
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, bad = [], []
+    for number, line in enumerate(_complete(path.read_bytes()).decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TypeError("not a JSON object")
+            check(record)
+        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as error:
+            bad.append(f"{number} ({error})")
+            continue
+        records.append(record)
+    if bad:
+        message = f"{path}: {len(bad)} malformed line(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if on_error == "stop":
+            raise ValueError(message)
+        log.warning("skipped %s", message)
+    return records
+
+
+def _complete(data: bytes) -> bytes:
+    """`data` up to its last complete line; a last line that lost only its newline gets it back."""
+    if not data or data.endswith(b"\n"):
+        return data
+    cut = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[cut:]), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = False
+    return data + b"\n" if whole else data[:cut]
+
+
+class Records:
+    """An append-only JSON-lines file: `open()` cuts a partial last line, `append()` writes and flushes one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def __enter__(self) -> Records:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if _complete(data) != data:  # a kill mid-line: keep only complete lines
+                self.path.write_bytes(_complete(data))
+        self._fh = self.path.open("a", encoding="utf-8")
+        return self
+
+    def append(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+    def keep(self, predicate: Callable[[dict], bool]) -> None:
+        """Rewrite the file (atomically) with only the records `predicate` accepts; call before appending."""
+        kept = [r for r in read_records(self.path) if predicate(r)]
+        atomic_write(self.path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8"))
