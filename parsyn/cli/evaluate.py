@@ -30,7 +30,7 @@ def bench(
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
     from transformers import AutoTokenizer
 
-    from .eval.bench import environment, parse_ints, random_lm, sweep
+    from ..eval.bench import environment, parse_ints, random_lm, sweep
 
     counts, sizes = parse_ints(branches, "branches"), parse_ints(lengths, "lengths")
     if repeats < 1:
@@ -77,7 +77,7 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches."""
-    from .eval.run import EvalConfig, run as run_eval
+    from ..eval.run import EvalConfig, run as run_eval
 
     config = EvalConfig(tasks=names(tasks), methods=names(methods), limit=limit, seed=seed, workers=workers,
                         worker_tokens=max_new_tokens, answer_tokens=max_new_tokens, adapter=adapter)
@@ -101,7 +101,7 @@ def report(
     bench_files: Annotated[Optional[list[Path]], typer.Option("--bench", help="JSON written by `parsyn bench --out` (repeatable).")] = None,
 ) -> None:
     """Write results/report.html (self-contained) and its PNG plots."""
-    from .eval.report import write_report
+    from ..eval.report import write_report
 
     err.print(f"report: {write_report(results, bench=bench_files or None)}")
 

@@ -33,9 +33,9 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the display.")] = False,
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
-    from .decode import SamplingParams
-    from .synthesis import synthesize
-    from .workers import fork, from_texts
+    from ..decode import SamplingParams
+    from ..synthesis import synthesize
+    from ..workers import fork, from_texts
 
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
     synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
@@ -50,7 +50,7 @@ def run(
     else:
         with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
             f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling, on_token=on_token)
-    from .adapter import resolve
+    from ..adapter import resolve
 
     trained = resolve(lm, adapter)
     routes = ["text", "cache"] if route == Route.both else [route.value]

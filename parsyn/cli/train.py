@@ -20,7 +20,7 @@ def data(
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Generate self-distillation data: branches, then the text route's answers and distributions."""
-    from .train.data import DataConfig, generate
+    from ..train.data import DataConfig, generate
 
     config = DataConfig(items=items, seed=seed, batch=batch)
     lm = load_model(model)
@@ -52,10 +52,10 @@ def train(
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Train a synthesizer (LoRA + mapper) by distillation from the text route; resumable."""
-    from .adapter import AdapterConfig
-    from .mapper import MapperConfig
-    from .train.loop import TrainConfig, train as run_training
-    from .train.loss import LossConfig
+    from ..adapter import AdapterConfig
+    from ..mapper import MapperConfig
+    from ..train.loop import TrainConfig, train as run_training
+    from ..train.loss import LossConfig
 
     config = TrainConfig(
         steps=steps, lr=lr, mapper_lr=mapper_lr, accumulate=accumulate, checkpoint_every=checkpoint_every, seed=seed,
@@ -82,10 +82,10 @@ def fidelity(
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Score raw and trained cache routes against text synthesis (agreement, KL, probe)."""
-    from .adapter import resolve
-    from .eval.fidelity import ablations, evaluate, table
-    from .train.data import read_items
-    from .train.loop import split
+    from ..adapter import resolve
+    from ..eval.fidelity import ablations, evaluate, table
+    from ..train.data import read_items
+    from ..train.loop import split
 
     lm = load_model(model)
     trained = resolve(lm, checkpoint)
