@@ -1,35 +1,34 @@
 """The trained parts of the cache route — a LoRA on the synthesizer, a cache mapper, a structural aid —
 and their checkpoint: `synthesizer.safetensors` (LoRA and mapper tensors) plus `synthesizer.json` (the
-base model's identity, the adapter config, the training recipe and its figures).
+base model's identity, the adapter config and the training recipe).
 
-The LoRA lives inside the model (through PEFT) but is switched off except while the cache route
-synthesizes: workers and the text route always run the base model.
+    trained = parsyn.adapter.resolve(lm, "auto")     # the packaged checkpoint when it fits lm, else None
+    parsyn.synthesize(lm, fork, route="cache", synthesizer=trained)
+
+The LoRA lives inside the model (`parsyn.lora`) but applies only to the synthesizer's own forwards:
+workers and the text route always run the base model, even in the same batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import weakref
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_write, write_json
 from .layout import LAYOUTS
+from .lora import LoRA, detach
 from .mapper import MapperConfig, build_mapper
 from .model import LM
 from .rope import rope_of
 
-ADAPTER = "parsyn"
 FORMAT = "parsyn-synthesizer"
 WEIGHTS, CONFIG = "synthesizer.safetensors", "synthesizer.json"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
@@ -67,54 +66,34 @@ class AdapterConfig:
 
 @dataclass(eq=False)
 class Synthesizer:
-    """What the cache route adds to the base model once trained."""
+    """What the cache route adds to the base model once trained: a LoRA (inside the model, active only
+    for the synthesizer's forwards), a cache mapper, and the layout and structural aid it was trained for.
+    It is what `synthesis` routes take as their trained parts."""
 
     config: AdapterConfig
     mapper: nn.Module | None
+    lora: LoRA | None
     base: dict                      # identity of the base model it was trained on
     recipe: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
     path: Path | None = None
 
     @property
-    def name(self) -> str:
-        return str(self.path) if self.path else "(in memory)"
+    def layout(self) -> str:
+        return self.config.layout
 
-    def parameters(self, lm: LM) -> list[nn.Parameter]:
-        params = [p for n, p in lm.model.named_parameters() if f".{ADAPTER}." in n or n.endswith(f".{ADAPTER}")]
-        return params + (list(self.mapper.parameters()) if self.mapper is not None else [])
+    @property
+    def recompute(self) -> int:
+        return self.config.recompute
 
+    def active(self, rows: torch.Tensor | None = None) -> AbstractContextManager:
+        """Within the block (this thread only), forwards apply the LoRA: to all rows or to `rows` [B] bool."""
+        if self.lora is None or not self.config.lora:
+            return nullcontext()
+        return self.lora.active(rows)
 
-@contextmanager
-def lora_on(lm: LM, synthesizer: Synthesizer | None):
-    """Switch the synthesizer's LoRA on inside the block (and off again after)."""
-    if synthesizer is None or not synthesizer.config.lora:
-        yield
-        return
-    _switch(lm.model, True)
-    try:
-        yield
-    finally:
-        _switch(lm.model, False)
-
-
-_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[LoraLayer]] = weakref.WeakKeyDictionary()
-
-
-def _lora_layers(model: nn.Module) -> list[LoraLayer]:
-    """The model's LoRA layers, found once per `attach` (a scan of every module costs ~3 ms)."""
-    if model not in _LAYERS:
-        _LAYERS[model] = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    return _LAYERS[model]
-
-
-def _switch(model: nn.Module, on: bool) -> None:
-    """Turn the LoRA layers on or off by the flag their forward reads (PEFT's own, set directly on
-    purpose; peft is pinned and the tests check both states against the base model). `enable_adapters` also
-    rewrites every adapter parameter's requires_grad: it costs ~4 ms per switch (three switches come
-    before a cache route's first token), and a flag cleared before backward drops the LoRA's gradients."""
-    for layer in _lora_layers(model):
-        layer._disable_adapters = not on
+    def parameters(self) -> list[nn.Parameter]:
+        lora = self.lora.parameters() if self.lora is not None and self.config.lora else []
+        return lora + (list(self.mapper.parameters()) if self.mapper is not None else [])
 
 
 def identity(lm: LM) -> dict:
@@ -133,24 +112,15 @@ def identity(lm: LM) -> dict:
 
 
 def attach(lm: LM, config: AdapterConfig) -> Synthesizer:
-    """A new (untrained) synthesizer for `lm`: LoRA injected into the model (switched off), mapper at identity."""
-    for layer in _lora_layers(lm.model):  # a model holds one synthesizer at a time
-        layer.delete_adapter(ADAPTER)
-    if ADAPTER in getattr(lm.model, "peft_config", {}):
-        del lm.model.peft_config[ADAPTER]
-        if not lm.model.peft_config:
-            del lm.model.peft_config
-    if config.lora:
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=list(config.targets), bias="none")
-        inject_adapter_in_model(lora, lm.model, adapter_name=ADAPTER)
-        _LAYERS.pop(lm.model, None)
-        _switch(lm.model, False)
-        lm.model.requires_grad_(False)
+    """A new (untrained) synthesizer for `lm`: LoRA layers added to the model (inactive unless a route
+    activates them), mapper at identity. A model holds one synthesizer's LoRA at a time: attaching
+    replaces the previous one (a setup step, never done while requests run)."""
+    detach(lm.model)
+    lora = LoRA(lm.model, config.targets, config.rank, config.alpha) if config.lora else None
     mapper = None
     if config.mapper is not None:
         mapper = build_mapper(config.mapper, lm.config, rope_of(lm.model)).to(lm.device)
-    return Synthesizer(config, mapper, identity(lm))
+    return Synthesizer(config, mapper, lora, identity(lm))
 
 
 def save(synthesizer: Synthesizer, lm: LM, path: Path) -> Path:
@@ -158,13 +128,13 @@ def save(synthesizer: Synthesizer, lm: LM, path: Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    if synthesizer.config.lora:
-        state = get_peft_model_state_dict(lm.model, adapter_name=ADAPTER)
+    if synthesizer.lora is not None:
+        state = synthesizer.lora.state_dict()
         tensors.update({f"lora.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()})
     if synthesizer.mapper is not None:
         tensors.update({f"mapper.{k}": v.detach().float().cpu().contiguous() for k, v in synthesizer.mapper.state_dict().items()})
     meta = {"format": FORMAT, "version": 1, "base": synthesizer.base, "adapter": asdict(synthesizer.config),
-            "recipe": synthesizer.recipe, "metrics": synthesizer.metrics}
+            "recipe": synthesizer.recipe}
     atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p)))
     write_json(path / CONFIG, meta)
     return path
@@ -195,7 +165,7 @@ def load(lm: LM, path: Path) -> Synthesizer:
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ValueError(f"checkpoint weights {path / WEIGHTS} are corrupt or truncated: {error}") from None
     synthesizer = attach(lm, config)
-    synthesizer.base, synthesizer.recipe, synthesizer.metrics, synthesizer.path = base, meta.get("recipe", {}), meta.get("metrics", {}), path
+    synthesizer.base, synthesizer.recipe, synthesizer.path = base, meta.get("recipe", {}), path
     _restore(lm, synthesizer, tensors, path)
     return synthesizer
 
@@ -203,11 +173,11 @@ def load(lm: LM, path: Path) -> Synthesizer:
 def _restore(lm: LM, synthesizer: Synthesizer, tensors: dict, path: Path) -> None:
     lora = {k[5:]: v.to(lm.dtype) for k, v in tensors.items() if k.startswith("lora.")}
     mapped = {k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")}
-    if synthesizer.config.lora:
-        expected = set(get_peft_model_state_dict(lm.model, adapter_name=ADAPTER))
-        if set(lora) != expected:
-            raise ValueError(f"checkpoint {path} LoRA tensors do not fit the model ({len(lora)} given, {len(expected)} expected)")
-        set_peft_model_state_dict(lm.model, lora, adapter_name=ADAPTER)
+    if synthesizer.lora is not None:
+        try:
+            synthesizer.lora.load_state_dict(lora)
+        except ValueError as error:
+            raise ValueError(f"checkpoint {path}: {error}") from None
     if synthesizer.mapper is not None:
         try:
             synthesizer.mapper.load_state_dict(mapped)

@@ -29,6 +29,16 @@ class ChatFormat:
     def end(self) -> str:
         return self.tokenizer.eos_token or ""
 
+    def ids(self, text: str) -> tuple[int, ...]:
+        """Token ids of a rendered segment (no special tokens added: the template has them)."""
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix_ids(self, question: str, system: str | None = None) -> tuple[int, ...]:
+        return self.ids(self.prefix(question, system))
+
+    def synthesis_ids(self, question: str, system: str | None, instruction: str = DEFAULT_INSTRUCTION) -> tuple[int, ...]:
+        return self.ids(self.synthesis(question, system, instruction))
+
     def _render(self, messages: list[dict], generation: bool) -> str:
         if self.tokenizer.chat_template is None:
             return _plain(messages, generation, self.end)

@@ -15,6 +15,7 @@ import ast
 import gzip
 import importlib.util
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -127,3 +128,15 @@ def chats(min_rounds: int = 3) -> list[list[str]]:
         if len(turns) >= min_rounds:
             out.append(turns)
     return out
+
+
+def split_passage(passage: str, parts: int) -> tuple[str, ...]:
+    """`passage` cut into `parts` consecutive chunks of whole sentences (whole words when it has fewer
+    sentences than parts), as even in count as possible; joined with spaces they give the passage back."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+    units = re.split(r"(?<=[.!?])\s+", passage.strip())
+    if len(units) < parts:
+        units = passage.split()
+    n = len(units)
+    return tuple(" ".join(units[i * n // parts:(i + 1) * n // parts]) for i in range(parts))

@@ -1,229 +1,232 @@
-"""The one decode loop every route uses: masks from logical positions, the sampler, per-row stopping.
+"""Decoding as steps over a batch whose rows can finish, leave, join, pause and be extended.
 
-Positions are always explicit: in a composed cache the storage index of a key is not its position.
+    batch = Batch(lm, state, logits, [Row("a", params), Row("b", params, capture_from=34)])
+    for events in batch.steps():          # one list of Token events per step
+        ...                               # between steps: batch.remove / add / pause / extend
+    batch.results["a"].tokens, batch.results["b"].kv
+
+A step samples the next token of every running row from its pending logits (one host sync for the
+batch), then `steps()` yields the events, and when resumed runs one forward for the rows that need
+one: running rows feed their new token; a finished row that captures its K/V feeds its last token once
+more (so the K/V of every token it holds exist) and leaves with them; a finished row that captures
+nothing leaves before the forward; a paused row waits (padding) until `extend` gives it tokens to feed.
+Every route decodes here: workers, both synthesis routes, batched evaluation and data generation.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from .kv import KV, from_cache, to_cache
+from .detok import Detokenizer, StopText
+from .forward import State, feed_, row_kv, stack
+from .kv import KV
 from .model import LM
+from .sampling import SamplingParams, generator, sample
+
+GREEDY = SamplingParams()
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How tokens are drawn. temperature 0 is greedy; `seed` makes sampling reproducible."""
+class Row:
+    """What one row of a batch asks for.
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(eq=False)
-class State:
-    """Mutable decode state owned by one route: its own cache plus the logical position of every key.
-    `key_pos` is -1 where a slot is padding. Functions that change it end in `_` or say so."""
-
-    cache: DynamicCache
-    key_pos: torch.Tensor   # [B, T] logical positions of the cached keys, -1 = padding
-    next_pos: torch.Tensor  # [B] position of each row's next token
-    key_bias: torch.Tensor | None = None  # [B, T] added to every query's attention logit on that key
-
-    @classmethod
-    def empty(cls, rows: int, device: torch.device) -> State:
-        """A state with an empty cache for `rows` sequences."""
-        none = torch.zeros((rows, 0), dtype=torch.long, device=device)
-        return cls(DynamicCache(), none, torch.zeros(rows, dtype=torch.long, device=device))
-
-    def select_(self, rows: torch.Tensor) -> None:
-        """Keep only batch `rows` (in place on this state)."""
-        self.cache.batch_select_indices(rows)
-        self.key_pos, self.next_pos = self.key_pos[rows], self.next_pos[rows]
-        if self.key_bias is not None:
-            self.key_bias = self.key_bias[rows]
-
-
-def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict, dtype: torch.dtype,
-                   key_bias: torch.Tensor | None = None):
-    """Additive masks [B, 1, q, k] built from logical positions, or None where the model's own causal
-    mask is the same (no padding, no bias, and positions equal storage indices).
-
-    A key is visible when it is not padding, not after the query, and inside the layer's window;
-    `key_bias` [B, k] is added on visible keys. Returns one tensor, or a dict by layer type when
-    `windows` has several types (Gemma 3, Qwen3).
+    capture_from: keep the K/V of the row's cached tokens at positions >= this when it finishes.
+    close_turn: a row reaching max_new_tokens ends on a stop token, so a branch is a closed turn.
+    logprobs: with k > 0, each event carries the top-k ids and log-probabilities it was drawn from.
+    text: detokenize as the row decodes (events carry text; always on when there are stop strings).
     """
-    b, k = key_pos.shape
-    q = query_pos.shape[1]
-    storage = torch.arange(k, device=key_pos.device)
-    plain = key_bias is None or not bool(key_bias.any())
-    if plain and bool((key_pos == storage).all()) and bool((query_pos == storage[k - q :]).all()):
-        return None
-    bias = 0.0 if plain else key_bias[:, None, None, :].to(dtype)
-    kp, qp = key_pos[:, None, None, :], query_pos[:, None, :, None]
-    visible = (kp >= 0) & (kp <= qp)
-    # finfo.min, not -inf: a padding query that sees nothing then stays finite instead of NaN
-    low = torch.finfo(dtype).min
-    masks = {
-        kind: (torch.zeros(visible.shape, dtype=dtype, device=key_pos.device) + bias).masked_fill(
-            ~(visible if w is None else visible & (kp > qp - w)), low
-        )
-        for kind, w in windows.items()
-    }
-    return masks[None] if None in masks else masks
 
-
-def forward_(lm: LM, state: State, ids: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor | None = None, *, keep: int = 1):
-    """Run `ids` [B, q] at positions `pos` [B, q] over the state's cache, appending their K/V to it (in place).
-    `key_pos` gives the positions recorded for the new keys (default `pos`; -1 marks padding).
-    Returns the last column's logits [B, V] float32, or with keep > 1 the last `keep` columns' [B, keep, V]."""
-    state.key_pos = torch.cat([state.key_pos, pos if key_pos is None else key_pos], dim=1)
-    if state.key_bias is not None:
-        state.key_bias = torch.cat([state.key_bias, torch.zeros_like(pos, dtype=state.key_bias.dtype)], dim=1)
-    mask = attention_mask(state.key_pos, pos, lm.windows, lm.dtype, state.key_bias)
-    out = lm.model(
-        input_ids=ids, position_ids=pos, attention_mask=mask, cache=state.cache, use_cache=True, logits_to_keep=keep
-    )
-    state.next_pos = pos[:, -1] + 1
-    return out.logits[:, -1].float() if keep == 1 else out.logits.float()
-
-
-def prefill_rows(lm: LM, rows: list[list[int]] | list[tuple[int, ...]], prefix: KV | None = None) -> tuple[State, torch.Tensor]:
-    """One batched forward of each row's tokens after an optional shared `prefix` (batch 1, not modified).
-
-    Rows are right-aligned: padding sits between the prefix and a short row and is masked out, so the
-    last column holds every row's next-token logits. Returns the new state and those logits [B, V]."""
-    n, width = len(rows), max(map(len, rows))
-    start = 0 if prefix is None else prefix.length
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    pos = torch.full((n, width), start, dtype=torch.long)  # padding queries see the prefix: finite, unused
-    key_pos = torch.full((n, width), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        pos[i, width - len(row) :] = key_pos[i, width - len(row) :] = torch.arange(start, start + len(row))
-    dev = lm.device
-    if prefix is None:
-        state = State.empty(n, dev)
-    else:
-        shared = KV(tuple(k.expand(n, -1, -1, -1) for k in prefix.keys),
-                    tuple(v.expand(n, -1, -1, -1) for v in prefix.values), prefix.positions)
-        state = State(to_cache(shared), prefix.positions.to(dev)[None].expand(n, -1), pos[:, 0].to(dev))
-    with torch.inference_mode():
-        logits = forward_(lm, state, ids.to(dev), pos.to(dev), key_pos.to(dev))
-    return state, logits
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Next token per row from logits [B, V]: greedy at temperature 0, else temperature + nucleus."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    key: Hashable
+    params: SamplingParams = GREEDY
+    capture_from: int | None = None
+    close_turn: bool = False
+    logprobs: int = 0
+    text: bool = False
 
 
 @dataclass(frozen=True, eq=False)
-class Decoded:
-    tokens: tuple[tuple[int, ...], ...]  # per row: generated ids, the stop token included when produced
-    kv: tuple[KV | None, ...]            # per row: captured K/V (when capture_from was given)
-    stopped: tuple[bool, ...]            # per row: ended on a stop token (False: hit max_new_tokens)
-    first_token_time: float              # time.perf_counter() when the first token was sampled
-    topk: tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...] = ()  # per row, per token: (ids, logprobs)
+class Token:
+    """One sampled token of row `key`; `finish` is "stop" (stop token or string), "length" or None."""
+
+    key: Hashable
+    id: int
+    text: str = ""
+    logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # ids [k], log-probabilities [k]
+    finish: str | None = None
 
 
-def decode_(
-    lm: LM,
-    state: State,
-    logits: torch.Tensor,
-    params: SamplingParams,
-    *,
-    capture_from: int | None = None,
-    close_turn: bool = False,
-    on_token: Callable[[int, int], None] | None = None,
-    topk: int = 0,
-) -> Decoded:
-    """Sample until every row stops (a stop id or max_new_tokens), consuming `state` (mutated in place).
+@dataclass(eq=False)
+class Result:
+    """A finished row: its tokens (the stop token included when produced), why it ended, its captured
+    K/V, and its text when it was detokenized (cut before a stop string)."""
 
-    logits: [B, V] for each row's first new token. With `capture_from`, each row's final token is fed
-    too, and the row's K/V from storage index `capture_from` on (padding dropped) is returned, so a
-    branch keeps the K/V of every token it holds. `close_turn` makes a row that reaches the limit end
-    on a stop token, so each branch is a closed turn. Finished rows leave the batch. With `topk`, each
-    row also returns the top-k ids and log-probabilities of the distribution each token was drawn from.
-    """
-    stops = lm.stop_ids
-    generator = torch.Generator(device=logits.device).manual_seed(params.seed)
-    rows = list(range(logits.shape[0]))  # original row of each batch row
-    tokens: list[list[int]] = [[] for _ in rows]
-    kv: list[KV | None] = [None for _ in rows]
-    stopped = [False for _ in rows]
-    dists: list[list] = [[] for _ in rows]
-    first = None
-    with torch.inference_mode():
-        while rows:
-            nxt = sample(logits, params, generator)
-            if first is None:
-                if nxt.is_cuda:  # kernels run ahead of the host: the token exists once the device is done
-                    torch.cuda.synchronize(nxt.device)
-                first = time.perf_counter()
-            if topk:
-                best = torch.log_softmax(logits, -1).topk(topk, dim=-1)
-                for j, r in enumerate(rows):
-                    dists[r].append((best.indices[j].cpu(), best.values[j].cpu()))
-            done = []
-            for j, r in enumerate(rows):
-                if close_turn and len(tokens[r]) == params.max_new_tokens - 1 and int(nxt[j]) not in stops:
-                    nxt[j] = stops[0]
-                tokens[r].append(int(nxt[j]))
-                if on_token:
-                    on_token(r, tokens[r][-1])
-                stopped[r] = tokens[r][-1] in stops
-                if stopped[r] or len(tokens[r]) >= params.max_new_tokens:
-                    done.append(j)
-            if capture_from is None and done:  # nothing to keep: drop finished rows before the next step
-                keep = _keep_(state, done, len(rows))
-                rows, nxt = [rows[j] for j in keep], nxt[keep]
-                if not rows:
-                    break
-            logits = forward_(lm, state, nxt[:, None], state.next_pos[:, None])
-            if capture_from is not None and done:
-                for j in done:
-                    kv[rows[j]] = row_kv(state, j, capture_from)
-                keep = _keep_(state, done, len(rows))
-                rows, logits = [rows[j] for j in keep], logits[keep]
-    return Decoded(
-        tuple(map(tuple, tokens)), tuple(kv), tuple(stopped), first or time.perf_counter(), tuple(map(tuple, dists))
-    )
+    tokens: tuple[int, ...]
+    finish: str
+    kv: KV | None = None
+    text: str | None = None
 
 
-def _keep_(state: State, done: list[int], n: int) -> list[int]:
-    """Drop batch rows `done` from the state (in place); the kept rows' indices."""
-    keep = [j for j in range(n) if j not in done]
-    if keep:
-        state.select_(torch.tensor(keep, device=state.key_pos.device))
-    return keep
+@dataclass(eq=False)
+class _Live:
+    row: Row
+    generator: torch.Generator | None
+    detok: Detokenizer | None
+    stop_text: StopText | None
+    tokens: list[int] = field(default_factory=list)
+    feed: list[int] = field(default_factory=list)  # tokens to run at the next forward
+    status: str = "running"                        # running | paused | finished
+    finish: str | None = None
 
 
-def row_kv(state: State, row: int, start: int) -> KV:
-    """A new batch-1 KV of `row`'s cached tokens from storage index `start` on, padding dropped."""
-    pos = state.key_pos[row]
-    index = torch.nonzero((pos >= 0) & (torch.arange(pos.shape[0], device=pos.device) >= start)).squeeze(-1)
-    return from_cache(state.cache, pos[index], row=row, index=index)
+class Batch:
+    """Rows decoding together over one `State` (owned by the batch and changed in place).
+
+    `logits` [B, V] are each row's next-token logits after the state's last forward. Not thread-safe:
+    one owner drives it (a route, or a serving engine)."""
+
+    def __init__(self, lm: LM, state: State, logits: torch.Tensor, rows: Sequence[Row], *, adapter=None):
+        if state.rows != len(rows) or logits.shape[0] != len(rows):
+            raise ValueError(f"{len(rows)} rows for a state of {state.rows} and logits of {logits.shape[0]}")
+        if len({r.key for r in rows}) != len(rows):
+            raise ValueError("row keys must be distinct")
+        self.lm, self.state, self.logits = lm, state, logits
+        self.adapter = adapter  # trained parts whose `active()` context every forward of this batch runs in
+        self.stops = set(lm.stop_ids)
+        self.live = [self._live(r) for r in rows]
+        self.results: dict[Hashable, Result] = {}
+
+    def _live(self, row: Row) -> _Live:
+        text = row.text or bool(row.params.stop)
+        return _Live(row, generator(row.params, self.logits.device), Detokenizer(self.lm.tokenizer) if text else None,
+                     StopText(row.params.stop) if text else None)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.row.key for r in self.live]
+
+    def steps(self) -> Iterator[list[Token]]:
+        """Decode until every row has finished (or left); yields each step's events before its forward."""
+        while self.live:
+            events = self.sample_()
+            if events:
+                yield events
+            self.advance_()
+
+    def sample_(self) -> list[Token]:
+        """Sample the next token of every running row and record it; the forward comes in `advance_`."""
+        running = [j for j, r in enumerate(self.live) if r.status == "running"]
+        if not running:
+            return []
+        index = torch.tensor(running, device=self.logits.device)
+        logits = self.logits.index_select(0, index) if len(running) < len(self.live) else self.logits
+        live = [self.live[j] for j in running]
+        ids = sample(logits, [r.row.params for r in live], [r.generator for r in live])
+        best = self._topk(logits, live)
+        return [self._record(r, tok, best[j] if best else None) for j, (r, tok) in enumerate(zip(live, ids))]
+
+    def _topk(self, logits: torch.Tensor, live: list[_Live]) -> list | None:
+        k = max(r.row.logprobs for r in live)
+        if not k:
+            return None
+        top = torch.log_softmax(logits, -1).topk(k, dim=-1)
+        return [(top.indices[j, : r.row.logprobs].cpu(), top.values[j, : r.row.logprobs].cpu()) if r.row.logprobs
+                else None for j, r in enumerate(live)]
+
+    def _record(self, r: _Live, token: int, logprobs) -> Token:
+        limit = r.row.params.max_new_tokens
+        if r.row.close_turn and len(r.tokens) == limit - 1 and token not in self.stops:
+            token = self.lm.stop_ids[0]
+        r.tokens.append(token)
+        r.feed = [token]
+        finish = "stop" if token in self.stops else "length" if len(r.tokens) >= limit else None
+        text = ""
+        if r.detok is not None:
+            r.detok.add(token)
+            text = r.stop_text.release(r.detok.text, final=finish is not None)
+            if r.stop_text.cut is not None:
+                finish = "stop"
+        if finish:
+            r.status, r.finish = "finished", finish
+        return Token(r.row.key, token, text, logprobs, finish)
+
+    def advance_(self) -> None:
+        """Run the forward that the last sampled tokens (and any extensions) need, then let finished rows go."""
+        self._leave([j for j, r in enumerate(self.live) if r.status == "finished" and r.row.capture_from is None])
+        if not any(r.feed for r in self.live):
+            return
+        with torch.inference_mode(), (self.adapter.active() if self.adapter is not None else nullcontext()):
+            logits = feed_(self.lm, self.state, [r.feed for r in self.live])
+        idle = [j for j, r in enumerate(self.live) if not r.feed]  # e.g. a row that just joined keeps its logits
+        if idle:
+            keep = torch.zeros(len(self.live), 1, dtype=torch.bool, device=logits.device)
+            keep[idle] = True
+            logits = torch.where(keep, self.logits, logits)
+        self.logits = logits
+        for r in self.live:
+            r.feed = []
+        self._leave([j for j, r in enumerate(self.live) if r.status == "finished"])
+
+    def _leave(self, gone: list[int]) -> None:
+        for j in gone:
+            r = self.live[j]
+            kv = row_kv(self.state, j, r.row.capture_from) if r.row.capture_from is not None else None
+            text = r.detok.text[: r.stop_text.cut] if r.detok is not None else None
+            self.results[r.row.key] = Result(tuple(r.tokens), r.finish or "removed", kv, text)
+        self._keep([j for j in range(len(self.live)) if j not in set(gone)])
+
+    def _keep(self, kept: list[int]) -> None:
+        if len(kept) == len(self.live):
+            return
+        self.live = [self.live[j] for j in kept]
+        if kept:
+            index = torch.tensor(kept, device=self.state.key_pos.device)
+            self.state.select_(index)
+            self.logits = self.logits.index_select(0, index)
+
+    def remove(self, keys: Sequence[Hashable]) -> None:
+        """Drop rows now (a client went away): they leave with what they have, finish "removed"."""
+        gone = set(keys)
+        self._leave([j for j, r in enumerate(self.live) if r.row.key in gone])
+
+    def pause(self, key: Hashable) -> None:
+        """Stop sampling row `key` after its current token (which is still fed, so its K/V exist)."""
+        r = self._find(key)
+        if r.status != "running":
+            raise ValueError(f"row {key!r} is {r.status}, not running")
+        r.status = "paused"
+
+    def extend(self, key: Hashable, ids: Sequence[int]) -> None:
+        """Append `ids` (e.g. a tool's output) to paused row `key`: they run at the next forward, after
+        which the row samples again from the last of them."""
+        r = self._find(key)
+        if r.status != "paused" or not ids:
+            raise ValueError(f"only a paused row takes new tokens (row {key!r} is {r.status}, {len(ids)} tokens)")
+        r.feed = r.feed + list(ids)
+        r.status = "running"
+
+    def add(self, other: Batch) -> None:
+        """Take the rows of `other` (prefilled on its own: another request) into this batch."""
+        if self.lm is not other.lm or self.adapter is not other.adapter or set(self.keys) & set(other.keys):
+            raise ValueError("can only join rows of the same model and adapter, with new keys")
+        self.state = stack([self.state, other.state])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.live += other.live
+        other.live = []
+
+    def _find(self, key: Hashable) -> _Live:
+        for r in self.live:
+            if r.row.key == key:
+                return r
+        raise KeyError(f"no row {key!r} in the batch")
+
+
+def decode(lm: LM, state: State, logits: torch.Tensor, rows: Sequence[Row], *, adapter=None) -> list[Result]:
+    """Decode `rows` to the end over `state` (consumed); their results in row order."""
+    batch = Batch(lm, state, logits, rows, adapter=adapter)
+    for _ in batch.steps():
+        pass
+    return [batch.results[r.key] for r in rows]

@@ -144,8 +144,12 @@ def from_cache(cache: DynamicCache, positions: torch.Tensor, *, row: int | None 
         t = t if row is None else t[row : row + 1]
         return t.clone() if index is None else t.index_select(2, index.to(t.device))
 
-    return KV(
-        tuple(take(layer.keys) for layer in cache.layers),
-        tuple(take(layer.values) for layer in cache.layers),
-        positions.clone(),
-    )
+    layers = [layer_tensors(layer) for layer in cache.layers]
+    return KV(tuple(take(k) for k, _ in layers), tuple(take(v) for _, v in layers), positions.clone())
+
+
+def layer_tensors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values [B, H, T, D] as single tensors (a joined layer joins its parts now)."""
+    if isinstance(layer, _JoinedLayer):
+        layer._joined()
+    return layer.keys, layer.values

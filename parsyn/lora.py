@@ -54,6 +54,18 @@ class LoRALinear(nn.Module):
         return result + update
 
 
+def detach(model: nn.Module) -> int:
+    """Put every LoRA-wrapped layer of `model` back to its base layer (setup, not during a request);
+    returns how many. A LoRA attached before no longer applies anywhere."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+            count += 1
+    return count
+
+
 class LoRA:
     """The LoRA layers attached to one model (at most one LoRA per model)."""
 
@@ -62,9 +74,8 @@ class LoRA:
             raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
         self.rank, self.alpha = rank, alpha
         self.layers: dict[str, LoRALinear] = {}
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoRALinear):
-                raise ValueError(f"the model already holds a LoRA (at {name}); load a fresh model for another one")
+        if any(isinstance(m, LoRALinear) for m in model.modules()):
+            raise ValueError("the model already holds a LoRA; detach it first")
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
                 parent, _, child = name.rpartition(".")

@@ -86,6 +86,12 @@ class LM:
         ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
         return tuple(sorted(i for i in ids if i is not None))
 
+    @property
+    def pad_id(self) -> int:
+        """The token placed in padding slots (masked, so its value never reaches a real row)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.stop_ids[0]
+
 
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
@@ -165,15 +171,14 @@ def load(
 
 
 def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, *, pack: bool = True) -> LM:
-    """An LM from a model already in memory: frozen, in eval mode, and (fp32 on CPU, `pack`) with
-    oneDNN-packed linear layers, which make batched decoding much faster on some CPUs."""
+    """An LM from a model already in memory: frozen, in eval mode, on CPU with `cpu.ATTENTION` in place of
+    SDPA and (fp32, `pack`) with oneDNN-packed linear layers, which make batched decoding much faster on
+    some CPUs. These are set once here; nothing changes the model afterwards."""
     rotary_module(model)
     model.eval().requires_grad_(False)
     if next(model.parameters()).device.type == "cpu":
-        # With an explicit mask, transformers copies K/V once per query head group before SDPA on CPU
-        # (a full copy of the cache in every layer); torch's SDPA takes grouped heads with a mask itself,
-        # with identical results. This is transformers' own switch for that path.
-        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+        if model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation(cpu.ATTENTION)
         if pack and cpu.available():
             cpu.pack_linears_(model)
     return LM(model=model, tokenizer=tokenizer, name=name)

@@ -4,52 +4,47 @@
 branch's tokens and its own instruction, prefilled from scratch with full causal attention.
 `cache`: the branches' K/V are composed into a new cache (re-rotated under a layout, optionally
 mapped) and only the synthesizer's own instruction is prefilled.
-Both decode with the same sampler, stopping rules, batch size (one) and explicit positions, and both
-time from the call to the first sampled token.
+Both decode with the same sampler, stopping rules and explicit positions, and both time from the call
+to the first sampled token. Trained parts come in through the small `Trained` protocol, so inference
+never depends on the trainer.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .chat import DEFAULT_INSTRUCTION, ChatFormat
 from .compose import Composed, Mapper, Span, compose
-from .decode import SamplingParams, State, decode_, forward_
-from .adapter import Synthesizer, lora_on
-from .blend import select
-from .kv import KV, to_cache
+from .decode import Batch, Row, Token
+from .forward import State, feed_, prefill_rows, stack
 from .model import LM
 from .rope import rope_of
-from .workers import Fork
+from .sampling import SamplingParams
+from .variants import CacheOptions, chosen, sharpened, split_span
+from .workers import Fork, answer_text
 
 ROUTES = ("text", "cache")
-
-
-@dataclass(frozen=True)
-class CacheOptions:
-    """Training-free changes to how the cache route reads the branches.
-
-    recompute: the first k tokens of every branch are run again at synthesis (a structural aid).
-    blend: CacheBlend-style — this fraction of all branch tokens, those whose K/V deviate most at
-        `check_layer` from a full-attention prefill, is recomputed.
-    temperature, branch_bias: APE-style — branch keys are scaled by 1/temperature (sharper or flatter
-        attention on branches) and `branch_bias` (a log-scale) is added to every attention logit on a
-        branch token.
-    """
-
-    recompute: int = 0
-    blend: float = 0.0
-    check_layer: int = 1
-    temperature: float = 1.0
-    branch_bias: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.recompute < 0 or not 0 <= self.blend <= 1 or self.check_layer < 0 or self.temperature <= 0:
-            raise ValueError(f"bad CacheOptions: {self}")
 SYNTH_SAMPLING = SamplingParams(max_new_tokens=128, temperature=0.0)
+
+
+class Trained(Protocol):
+    """What a trained synthesizer gives the cache route (`parsyn.adapter.Synthesizer` is one)."""
+
+    mapper: Mapper | None
+
+    @property
+    def layout(self) -> str: ...        # the layout it was trained for: the default at synthesis
+
+    @property
+    def recompute(self) -> int: ...     # structural aid: first tokens of every branch recomputed
+
+    def active(self, rows: torch.Tensor | None = None) -> AbstractContextManager: ...  # its LoRA applies inside
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +78,28 @@ class CacheInputs:
     ids: list[int]
     positions: list[int]
     spans: tuple[Span, ...]
-    segments: tuple[KV, ...]  # the composed context the state's cache holds
+
+
+def prompt_tokens(lm: LM, fork: Fork, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """The synthesizer's own prompt after the last branch."""
+    return list(ChatFormat(lm.tokenizer).synthesis_ids(fork.question, fork.system, instruction))
+
+
+def text_row(prefix_ids: Sequence[int], branch_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int]) -> list[int]:
+    """The text route's whole prompt: prefix, every branch's tokens, then the synthesizer's prompt."""
+    return list(prefix_ids) + [t for b in branch_ids for t in b] + list(prompt_ids)
+
+
+def settings(trained: Trained | None, layout: str | None, options: CacheOptions | None) -> tuple[str, CacheOptions]:
+    """The layout and options a cache route runs with: explicit ones, else the synthesizer's, else defaults."""
+    if trained is None:
+        return layout or "parallel", options or CacheOptions()
+    return layout or trained.layout, options or CacheOptions(recompute=trained.recompute)
+
+
+def adapter(route: str, trained: Trained | None) -> AbstractContextManager:
+    """The context a route's forwards run in: the trained LoRA for the cache route, nothing for text."""
+    return trained.active() if route == "cache" and trained is not None else nullcontext()
 
 
 def prepare(
@@ -93,7 +109,7 @@ def prepare(
     route: str = "cache",
     layout: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
-    synthesizer: Synthesizer | None = None,
+    synthesizer: Trained | None = None,
     options: CacheOptions | None = None,
     max_new_tokens: int = 0,
 ) -> Prepared:
@@ -103,15 +119,39 @@ def prepare(
     prompt_ids = prompt_tokens(lm, fork, instruction)
     with torch.inference_mode():
         if route == "text":
-            return _prepare_text(lm, fork, prompt_ids, max_new_tokens)
-        layout, options = cache_settings(synthesizer, layout, options)
-        mapper = synthesizer.mapper if synthesizer else None
-        inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=mapper, options=options)
-        last = inputs.positions[-1] + 1 + max_new_tokens
-        lm.check_positions(last, f"the composed {layout} cache plus the prompt and the answer")
-        with lora_on(lm, synthesizer):
-            logits = _run(lm, inputs)
-        return Prepared(inputs.state, logits, len(inputs.ids), inputs.spans)
+            ids = text_row(fork.prefix_ids, [b.token_ids for b in fork.branches], prompt_ids)
+            lm.check_positions(len(ids) + max_new_tokens, "the text synthesis prompt plus the answer")
+            state, logits = prefill_rows(lm, [ids])
+            return Prepared(state, logits, len(ids), _text_spans(fork, prompt_ids))
+        layout, options = settings(synthesizer, layout, options)
+        inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=synthesizer.mapper if synthesizer else None,
+                              options=options)
+        lm.check_positions(inputs.positions[-1] + 1 + max_new_tokens,
+                           f"the composed {layout} cache plus the prompt and the answer")
+        with adapter(route, synthesizer):
+            state, logits = run_cache(lm, [inputs])
+        return Prepared(state, logits, len(inputs.ids), inputs.spans)
+
+
+def stream(
+    lm: LM,
+    fork: Fork,
+    *,
+    route: str = "cache",
+    layout: str | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+    sampling: SamplingParams = SYNTH_SAMPLING,
+    synthesizer: Trained | None = None,
+    options: CacheOptions | None = None,
+) -> Iterator[Token]:
+    """The synthesized answer as it decodes: one `Token` per sampled token, its `text` the new piece of
+    the answer (an incremental detokenizer; text that may begin a stop string waits). Arguments as `synthesize`."""
+    ready = prepare(lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
+                    options=options, max_new_tokens=sampling.max_new_tokens)
+    batch = Batch(lm, ready.state, ready.logits, [Row("answer", sampling, text=True)],
+                  adapter=synthesizer if route == "cache" else None)
+    for events in batch.steps():
+        yield from events
 
 
 def synthesize(
@@ -122,142 +162,109 @@ def synthesize(
     layout: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
     sampling: SamplingParams = SYNTH_SAMPLING,
-    synthesizer: Synthesizer | None = None,
+    synthesizer: Trained | None = None,
     options: CacheOptions | None = None,
     on_token=None,
 ) -> Synthesis:
     """Synthesize one answer from the fork's branches by `route` (text or cache).
 
     The cache route uses `layout` (default: the synthesizer's, else parallel) and, when given, the trained
-    `synthesizer` (its LoRA is on only while it runs, its mapper calibrates branches, its aid recomputes
-    the first tokens of every branch) and `options` (training-free variants; default: the synthesizer's
-    aid). The text route always runs the base model."""
+    `synthesizer` (its LoRA applies only to the synthesizer's forwards, its mapper calibrates branches,
+    its aid recomputes the first tokens of every branch) and `options` (training-free variants; default:
+    the synthesizer's aid). The text route always runs the base model. on_token(id) reports each token."""
     t0 = time.perf_counter()
-    ready = prepare(
-        lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
-        options=options, max_new_tokens=sampling.max_new_tokens,
-    )
-    report = None if on_token is None else (lambda _, t: on_token(t))
-    with lora_on(lm, synthesizer if route == "cache" else None):
-        out = decode_(lm, ready.state, ready.logits, sampling, on_token=report)
-    tokens = out.tokens[0]
-    answer = lm.tokenizer.decode(tokens[:-1] if out.stopped[0] else tokens, skip_special_tokens=True).strip()
-    used = cache_settings(synthesizer, layout, options)[0] if route == "cache" else None
-    return Synthesis(
-        route, used, answer, tokens, out.first_token_time - t0, time.perf_counter() - t0, ready.prefill_tokens,
-        ready.spans,
-    )
+    ready = prepare(lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
+                    options=options, max_new_tokens=sampling.max_new_tokens)
+    batch = Batch(lm, ready.state, ready.logits, [Row("answer", sampling)],
+                  adapter=synthesizer if route == "cache" else None)
+    first = None
+    for events in batch.steps():
+        if first is None:
+            first = time.perf_counter()  # the token is on the host: a GPU has finished computing it
+        if on_token is not None:
+            for e in events:
+                on_token(e.id)
+    result = batch.results["answer"]
+    used = settings(synthesizer, layout, options)[0] if route == "cache" else None
+    return Synthesis(route, used, answer_text(lm, result), result.tokens, first - t0, time.perf_counter() - t0,
+                     ready.prefill_tokens, ready.spans)
 
 
-def prompt_tokens(lm: LM, fork: Fork, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
-    prompt = ChatFormat(lm.tokenizer).synthesis(fork.question, fork.system, instruction)
-    return lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-
-def cache_settings(synthesizer: Synthesizer | None, layout: str | None, options: CacheOptions | None) -> tuple[str, CacheOptions]:
-    """The layout and options a cache route runs with: explicit ones, else the synthesizer's, else defaults."""
-    if synthesizer is None:
-        return layout or "parallel", options or CacheOptions()
-    return layout or synthesizer.config.layout, options or CacheOptions(recompute=synthesizer.config.recompute)
-
-
-def _prepare_text(lm: LM, fork: Fork, prompt_ids: list[int], max_new: int) -> Prepared:
-    ids = list(fork.prefix_ids)
-    spans = [Span("prefix", 0, 0, len(ids), "recomputed")]
+def _text_spans(fork: Fork, prompt_ids: Sequence[int]) -> tuple[Span, ...]:
+    spans, at = [Span("prefix", 0, 0, len(fork.prefix_ids), "recomputed")], len(fork.prefix_ids)
     for i, b in enumerate(fork.branches):
-        spans.append(Span("branch", i + 1, len(ids), len(b.token_ids), "recomputed"))
-        ids += b.token_ids
-    spans.append(Span("prompt", 0, len(ids), len(prompt_ids), "recomputed"))
-    ids += prompt_ids
-    lm.check_positions(len(ids) + max_new, "the text synthesis prompt plus the answer")
-    dev = lm.device
-    state = State.empty(1, dev)
-    logits = forward_(lm, state, torch.tensor([ids], device=dev), torch.arange(len(ids), device=dev)[None])
-    return Prepared(state, logits, len(ids), tuple(spans))
+        spans.append(Span("branch", i + 1, at, len(b.token_ids), "recomputed"))
+        at += len(b.token_ids)
+    return (*spans, Span("prompt", 0, at, len(prompt_ids), "recomputed"))
 
 
 def cache_inputs(
-    lm: LM, fork: Fork, prompt_ids: list[int], *, layout: str, mapper: Mapper | None = None,
-    options: CacheOptions = CacheOptions(),
+    lm: LM, fork: Fork, prompt_ids: Sequence[int], *, layout: str, mapper: Mapper | None = None,
+    options: CacheOptions | None = None,
 ) -> CacheInputs:
     """Compose the branches under `layout` (mapped when a mapper is given) into a new decode state, and
     list the tokens still to run: the branch tokens chosen for recomputation, then the prompt.
 
-    Recomputed tokens see the prefix and every branch token at an earlier or equal position; their old
-    entries are masked out."""
+    Composition reads the base model's branch caches (no adapter runs here); recomputed tokens see the
+    prefix and every branch token at an earlier or equal position, and their old entries are masked out."""
+    options = options or CacheOptions()
     rope = rope_of(lm.model)
     if options.temperature != 1.0:
-        mapper = _sharpen(mapper, options.temperature)
+        mapper = sharpened(mapper, options.temperature)
     composed = compose(fork.prefix, [b.kv for b in fork.branches], rope, layout=layout, mapper=mapper)
-    chosen = _chosen(lm, fork, composed, rope, options)
-    dev = lm.device
-    key_pos = composed.positions.to(dev)[None].clone()
+    offsets = chosen(lm, fork.prefix_ids, [b.token_ids for b in fork.branches], composed, rope, options)
+    key_pos = composed.positions.to(lm.device)[None].clone()
     bias = None
     if options.branch_bias:
         bias = torch.full_like(key_pos, options.branch_bias, dtype=torch.float32)
         bias[:, : fork.prefix.length] = 0
     ids, positions, spans = [], [], [composed.spans[0]]
     at = composed.segments[0].length
-    for branch, segment, span, offsets in zip(fork.branches, composed.segments[1:], composed.spans[1:], chosen):
-        for j in offsets:
+    for branch, segment, span, picked in zip(fork.branches, composed.segments[1:], composed.spans[1:], offsets):
+        for j in picked:
             key_pos[0, at + j] = -1
             ids.append(branch.token_ids[j])
             positions.append(int(segment.positions[j]))
-        spans += _split_span(span, offsets)
+        spans += split_span(span, picked)
         at += segment.length
-    state = State(to_cache(composed.segments), key_pos, key_pos[:, -1] + 1, bias)
     start = composed.next_position
     spans.append(Span("prompt", 0, start, len(prompt_ids), "recomputed"))
-    return CacheInputs(state, ids + list(prompt_ids), positions + list(range(start, start + len(prompt_ids))),
-                       tuple(spans), composed.segments)
+    return CacheInputs(State.over(composed.segments, key_pos, bias), ids + list(prompt_ids),
+                       positions + list(range(start, start + len(prompt_ids))), tuple(spans))
 
 
-def _chosen(lm: LM, fork: Fork, composed: Composed, rope, options: CacheOptions) -> list[list[int]]:
-    """Offsets of the tokens to recompute in each branch (sorted)."""
-    first = [list(range(min(options.recompute, b.kv.length))) for b in fork.branches]
-    if not options.blend:
-        return first
-    picked = select(lm, fork.prefix_ids, [b.token_ids for b in fork.branches], composed, rope,
-                    fraction=options.blend, check_layer=options.check_layer)
-    return [sorted(set(a) | set(b)) for a, b in zip(first, picked)]
+def run_cache(lm: LM, inputs: Sequence[CacheInputs], extra: Sequence[Sequence[int]] = (), *,
+              keep: int = 1) -> tuple[State, torch.Tensor]:
+    """Run each composed context's remaining tokens, then its `extra` tokens (e.g. a teacher's answer),
+    in one forward; several contexts are stacked as one batch (padded in front). The inputs' states are
+    consumed. Returns the state decoding goes on over and the last `keep` columns' logits ([B, V], or
+    [B, keep, V] with keep > 1)."""
+    state = inputs[0].state if len(inputs) == 1 else stack([x.state for x in inputs])
+    rows, positions = [], []
+    for i, x in enumerate(inputs):
+        more = list(extra[i]) if extra else []
+        start = x.positions[-1] + 1
+        rows.append(x.ids + more)
+        positions.append(x.positions + list(range(start, start + len(more))))
+    return state, feed_(lm, state, rows, positions, keep=keep)
 
 
-def _split_span(span: Span, offsets: list[int]) -> list[Span]:
-    """A branch span cut into runs of recomputed and kept tokens, in order."""
-    if not offsets:
-        return [span]
-    marks = set(offsets)
-    out, run_start = [], 0
-    for j in range(1, span.length + 1):
-        if j == span.length or ((j in marks) != (run_start in marks)):
-            how = "recomputed" if run_start in marks else span.how
-            out.append(Span(span.source, span.index, span.start + run_start, j - run_start, how))
-            run_start = j
-    return out
+def teacher_forced(lm: LM, fork: Fork, prompt_ids: Sequence[int], answer_ids: Sequence[int], *, layout: str | None = None,
+                   synthesizer: Trained | None = None, options: CacheOptions | None = None) -> torch.Tensor:
+    """Cache-route logits [T, V] predicting each of the T tokens of `answer_ids` from the ones before it
+    (teacher forcing): exactly the route `synthesize` runs, one forward, with gradients where enabled."""
+    layout, options = settings(synthesizer, layout, options)
+    inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=synthesizer.mapper if synthesizer else None,
+                          options=options)
+    with adapter("cache", synthesizer):
+        _, logits = run_cache(lm, [inputs], [list(answer_ids)[:-1]], keep=len(answer_ids))
+    return logits[0] if logits.dim() == 3 else logits
 
 
-def _sharpen(mapper: Mapper | None, temperature: float) -> Mapper:
-    """Scale branch keys by 1/temperature (after any other mapper): attention logits on them scale alike."""
-
-    def scaled(kv: KV, index: int, branches: int) -> KV:
-        kv = mapper(kv, index, branches) if mapper else kv
-        return KV(tuple(k / temperature for k in kv.keys), kv.values, kv.positions)
-
-    return scaled
-
-
-def _run(lm: LM, inputs: CacheInputs) -> torch.Tensor:
-    dev = lm.device
-    return forward_(lm, inputs.state, torch.tensor([inputs.ids], device=dev), torch.tensor([inputs.positions], device=dev))
-
-
-def prefill_over(lm: LM, composed: Composed, prompt_ids: list[int]) -> Prepared:
+def prefill_over(lm: LM, composed: Composed, prompt_ids: Sequence[int]) -> Prepared:
     """Prefill the synthesizer's prompt over an already composed cache (which is not modified).
     Alone, this is the floor of the cache route's time to first token."""
-    dev = lm.device
-    start, m = composed.next_position, len(prompt_ids)
-    key_pos = composed.positions.to(dev)[None]
-    state = State(to_cache(composed.segments), key_pos, key_pos[:, -1] + 1)
-    pos = torch.arange(start, start + m, device=dev)[None]
-    logits = forward_(lm, state, torch.tensor([prompt_ids], device=dev), pos)
-    return Prepared(state, logits, m, composed.spans + (Span("prompt", 0, start, m, "recomputed"),))
+    state = State.over(composed.segments, composed.positions.to(lm.device)[None])
+    start = composed.next_position
+    logits = feed_(lm, state, [list(prompt_ids)], [list(range(start, start + len(prompt_ids)))])
+    return Prepared(state, logits, len(prompt_ids), (*composed.spans, Span("prompt", 0, start, len(prompt_ids), "recomputed")))

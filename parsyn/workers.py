@@ -1,4 +1,4 @@
-"""Forking workers from one shared prefix: prefill the prefix once, decode all workers as one batch.
+"""Forking workers from a shared prefix: prefill each prefix once, decode all workers as one batch.
 
 Each branch keeps its exact token ids, its text and the K/V of every token it holds (its opening, its
 answer and the final end-of-turn token, which `generate()` would never feed back), at the logical
@@ -7,6 +7,7 @@ positions it was computed at: right after the prefix.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .chat import ChatFormat
-from .decode import SamplingParams, State, decode_, forward_, prefill_rows, row_kv
-from .kv import KV, from_cache
+from .decode import Batch, Result, Row, decode
+from .forward import feed_, prefill_rows, row_kv
+from .kv import KV
 from .model import LM
+from .sampling import SamplingParams, row_seed
 
 WORKER_SAMPLING = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
 
@@ -56,50 +59,90 @@ def fork(
 ) -> Fork:
     """Run `workers` workers on `question`; the prefix (system + question) is prefilled once and shared.
 
-    roles: none, or one instruction per worker. Workers decode as one batch with per-row stopping
+    roles: none, or one instruction per worker. Workers decode as one batch with per-row stopping; worker
+    i samples with seed `row_seed(sampling.seed, i)`, so its tokens do not depend on the batch
     (`batched=False` runs them one after another, for comparison). on_token(worker, token) reports progress.
     """
+    report = None if on_token is None else (lambda _, worker, token: on_token(worker, token))
+    return fork_many(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling,
+                     batched=batched, on_token=report)[0]
+
+
+def fork_many(
+    lm: LM,
+    questions: Sequence[str],
+    *,
+    workers: int = 3,
+    roles: Sequence[str] | Sequence[Sequence[str]] = (),
+    system: str | None = None,
+    sampling: SamplingParams = WORKER_SAMPLING,
+    batched: bool = True,
+    on_token: Callable[[int, int, int], None] | None = None,
+) -> list[Fork]:
+    """Fork several questions in one batch: every prefix prefilled once (together), every question's
+    workers decoded together. roles: one list for all questions, or one list per question (then each
+    question has as many workers as roles). on_token(question, worker, token) reports progress."""
     fmt = ChatFormat(lm.tokenizer)
-    prefix_ids = _encode(lm, fmt.prefix(_check_question(question), system))
-    lm.check_memory(workers if batched else 1, len(prefix_ids) + sampling.max_new_tokens)  # before any per-worker work
-    roles = _roles(roles, workers)
-    openings = [_encode(lm, fmt.turn(question, system, r)) for r in roles]
-    longest = len(prefix_ids) + max(map(len, openings)) + sampling.max_new_tokens
+    if not questions:
+        raise ValueError("need at least one question")
+    prefixes = [fmt.prefix_ids(_check_question(q), system) for q in questions]
+    per_question = _roles_per_question(roles, len(questions), workers)
+    everyone = [(q, i) for q, rs in enumerate(per_question) for i in range(len(rs))]
+    rows_at_once = len(everyone) if batched else 1
+    lm.check_memory(rows_at_once, max(map(len, prefixes)) + sampling.max_new_tokens)  # before per-worker work
+    openings = [[fmt.ids(fmt.turn(q, system, r)) for r in rs] for q, rs in zip(questions, per_question)]
+    longest = max(len(p) + max(map(len, o)) for p, o in zip(prefixes, openings)) + sampling.max_new_tokens
     lm.check_positions(longest, "the prompt plus the workers' answers")
-    lm.check_memory(workers if batched else 1, longest)
+    lm.check_memory(rows_at_once, longest)
     t0 = time.perf_counter()
-    prefix = _prefill_prefix(lm, prefix_ids)
-    groups = [list(range(workers))] if batched else [[i] for i in range(workers)]
-    branches: list[Branch] = []
-    prefill_s = time.perf_counter() - t0
-    decode_s = 0.0
-    for group in groups:
+    shared, _ = prefill_rows(lm, prefixes)  # one row per question
+    prefix_kv = [row_kv(shared, q) for q in range(len(questions))]
+    prefill_s, decode_s = time.perf_counter() - t0, 0.0
+    results: dict[tuple[int, int], Result] = {}
+    for group in [everyone] if batched else [[w] for w in everyone]:
         t1 = time.perf_counter()
-        state, logits = prefill_rows(lm, [openings[i] for i in group], prefix)
+        state = shared.pick(torch.tensor([q for q, _ in group], device=lm.device))  # a prefix row per worker
+        with torch.inference_mode():
+            logits = feed_(lm, state, [openings[q][i] for q, i in group])
         t2 = time.perf_counter()
-        report = None if on_token is None else (lambda row, tok, g=group: on_token(g[row], tok))
-        out = decode_(lm, state, logits, sampling, capture_from=prefix.length, close_turn=True, on_token=report)
-        decode_s += time.perf_counter() - t2
-        prefill_s += t2 - t1
-        for j, i in enumerate(group):
-            answer = out.tokens[j]
-            text = lm.tokenizer.decode(answer[:-1] if out.stopped[j] else answer, skip_special_tokens=True)
-            branches.append(Branch(openings[i] + answer, text.strip(), out.kv[j], roles[i], len(answer)))
-    return Fork(question, system, prefix_ids, prefix, tuple(branches), prefill_s, decode_s)
+        rows = [Row((q, i), dataclasses.replace(sampling, seed=row_seed(sampling.seed, i)),
+                    capture_from=len(prefixes[q]), close_turn=True) for q, i in group]
+        results.update(_decode(lm, state, logits, rows, on_token))
+        prefill_s, decode_s = prefill_s + t2 - t1, decode_s + time.perf_counter() - t2
+    return [Fork(question, system, prefixes[q], prefix_kv[q],
+                 tuple(_branch(lm, openings[q][i], results[q, i], r) for i, r in enumerate(per_question[q])),
+                 prefill_s, decode_s) for q, question in enumerate(questions)]
+
+
+def _decode(lm: LM, state, logits, rows: Sequence[Row], on_token) -> dict:
+    if on_token is None:
+        return {r.key: res for r, res in zip(rows, decode(lm, state, logits, rows))}
+    batch = Batch(lm, state, logits, rows)
+    for events in batch.steps():
+        for e in events:
+            on_token(*e.key, e.id)
+    return batch.results
+
+
+def _branch(lm: LM, opening: tuple[int, ...], result: Result, role: str | None) -> Branch:
+    return Branch(opening + result.tokens, answer_text(lm, result), result.kv, role, len(result.tokens))
+
+
+def answer_text(lm: LM, result: Result) -> str:
+    """The answer a finished row gives: its text without the stop token (cut before a stop string)."""
+    if result.text is not None:
+        return result.text.strip()
+    tokens = result.tokens[:-1] if result.tokens and result.tokens[-1] in lm.stop_ids else result.tokens
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def from_texts(
-    lm: LM,
-    question: str,
-    texts: Sequence[str],
-    *,
-    roles: Sequence[str] = (),
-    system: str | None = None,
+    lm: LM, question: str, texts: Sequence[str], *, roles: Sequence[str] = (), system: str | None = None
 ) -> Fork:
-    """A fork from ready branch texts (answers of workers run elsewhere): each is prefilled after the
-    shared prefix, all in one batch."""
-    prefix_ids, segments = encode_texts(lm, question, texts, roles=roles, system=system)
-    return from_ids(lm, question, prefix_ids, segments, texts=texts, roles=roles, system=system)
+    """A fork from ready branch texts (e.g. answers of workers that ran elsewhere): the prefix is
+    prefilled once, then every branch (its opening, the text, an end-of-turn token) after it in one batch."""
+    prefix_ids, branch_ids = encode_texts(lm, question, texts, roles=roles, system=system)
+    return from_ids(lm, question, prefix_ids, branch_ids, texts=texts, roles=roles, system=system)
 
 
 def from_ids(
@@ -121,7 +164,8 @@ def from_ids(
     lm.check_positions(longest, "the prompt plus the branch texts")
     lm.check_memory(len(branch_ids), longest)
     t0 = time.perf_counter()
-    prefix = _prefill_prefix(lm, prefix_ids)
+    shared, _ = prefill_rows(lm, [tuple(prefix_ids)])
+    prefix = row_kv(shared, 0)
     state, _ = prefill_rows(lm, [tuple(b) for b in branch_ids], prefix)
     branches = tuple(
         Branch(tuple(b), t.strip(), row_kv(state, i, prefix.length), r)
@@ -137,8 +181,8 @@ def encode_texts(
     if not texts:
         raise ValueError("need at least one branch text")
     fmt = ChatFormat(lm.tokenizer)
-    prefix_ids = _encode(lm, fmt.prefix(_check_question(question), system))
-    return prefix_ids, [_encode(lm, fmt.branch(question, system, r, t)) for r, t in zip(_roles(roles, len(texts)), texts)]
+    prefix_ids = fmt.prefix_ids(_check_question(question), system)
+    return prefix_ids, [fmt.ids(fmt.branch(question, system, r, t)) for r, t in zip(_roles(roles, len(texts)), texts)]
 
 
 def _check_question(question: str) -> str:
@@ -155,14 +199,9 @@ def _roles(roles: Sequence[str], n: int) -> list[str | None]:
     return list(roles) if roles else [None] * n
 
 
-def _encode(lm: LM, text: str) -> tuple[int, ...]:
-    return tuple(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prefill_prefix(lm: LM, ids: Sequence[int]) -> KV:
-    """K/V of the shared prefix at positions 0 .. len-1 (batch 1)."""
-    state = State.empty(1, lm.device)
-    pos = torch.arange(len(ids), device=lm.device)[None]
-    with torch.inference_mode():
-        forward_(lm, state, torch.tensor([ids], device=lm.device), pos)
-    return from_cache(state.cache, pos[0])
+def _roles_per_question(roles, questions: int, workers: int) -> list[list[str | None]]:
+    if roles and not isinstance(roles[0], str):
+        if len(roles) != questions:
+            raise ValueError(f"got role lists for {len(roles)} questions, asked {questions}")
+        return [_roles(r, len(r)) for r in roles]
+    return [_roles(roles, workers)] * questions

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parsyn.eval.bench import random_lm, sweep
-from parsyn.decode import SamplingParams
+from parsyn.sampling import SamplingParams
 from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
 from parsyn.eval.tasks import load
 from parsyn.synthesis import CacheOptions, prepare, synthesize

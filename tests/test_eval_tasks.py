@@ -6,7 +6,7 @@ import pytest
 
 from parsyn import datasets as D
 from parsyn.eval import tasks as T
-from parsyn.text import split_passage
+from parsyn.datasets import split_passage
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "mmlu": 14042, "arc_challenge": 1172, "arc_easy": 2376, "medqa": 1273,
           "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500}

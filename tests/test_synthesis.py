@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from parsyn.decode import SamplingParams
+from parsyn.sampling import SamplingParams
 from parsyn.synthesis import prepare, synthesize
 from parsyn.workers import Fork, fork, from_texts
 

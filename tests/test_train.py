@@ -14,7 +14,7 @@ import torch
 
 from parsyn import adapter as A
 from parsyn.compose import compose
-from parsyn.decode import SamplingParams
+from parsyn.sampling import SamplingParams
 from parsyn.mapper import MapperConfig, build_mapper
 from parsyn.rope import rope_of, rotate
 from parsyn.synthesis import prepare, synthesize
@@ -170,7 +170,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path, tokenizer):
     lm = tiny_lm("llama", tokenizer)
     trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="affine")))
     with torch.no_grad():
-        for p in trained.parameters(lm):
+        for p in trained.parameters():
             p.normal_(0, 0.05)
     path = A.save(trained, lm, tmp_path / "ckpt")
     f = from_texts(lm, QUESTION, TEXTS)
@@ -200,7 +200,7 @@ def test_workers_and_the_text_route_never_use_the_adapter(tokenizer):
     text_before = prepare(lm, f, route="text").logits
     trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8))
     with torch.no_grad():
-        for p in trained.parameters(lm):
+        for p in trained.parameters():
             p.normal_(0, 0.1)
     assert [b.token_ids for b in fork(lm, QUESTION, workers=2, sampling=sampling).branches] == before
     torch.testing.assert_close(prepare(lm, f, route="text", synthesizer=trained).logits, text_before, atol=0, rtol=0)

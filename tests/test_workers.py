@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from parsyn.decode import SamplingParams
+from parsyn.sampling import SamplingParams
 from parsyn.workers import fork, from_texts
 
 from conftest import tiny_lm

@@ -33,7 +33,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the display.")] = False,
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
-    from ..decode import SamplingParams
+    from ..sampling import SamplingParams
     from ..synthesis import synthesize
     from ..workers import fork, from_texts
 

@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..chat import DEFAULT_INSTRUCTION, ChatFormat
 from ..compose import compose
-from ..decode import SamplingParams
+from ..sampling import SamplingParams
 from ..model import LM, default_tokenizer, wrap
 from ..rope import rope_of
-from ..synthesis import prefill_over, synthesize
+from ..synthesis import prefill_over, prompt_tokens, synthesize
 from ..workers import Fork, fork, from_texts
 
 FIRST_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -46,8 +45,7 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor:
     prefilling only the synthesizer's prompt over an already composed cache."""
     f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
-    prompt = ChatFormat(lm.tokenizer).synthesis(f.question, f.system, DEFAULT_INSTRUCTION)
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_tokens(lm, f)
     composed = compose(f.prefix, [b.kv for b in f.branches], rope_of(lm.model), layout=layout)
 
     def floor() -> float:

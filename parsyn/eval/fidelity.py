@@ -19,14 +19,12 @@ import torch
 
 from ..adapter import Synthesizer
 from ..batch import answers
-from ..decode import SamplingParams
 from ..model import LM
 from ..probe import probe_items
-from ..synthesis import CacheOptions
-from ..text import contains_answer
-from ..train.loop import base_fork, student_logits
-from ..train.loss import kl_per_position
-from ..workers import from_texts
+from ..sampling import SamplingParams
+from ..synthesis import CacheOptions, teacher_forced
+from ..scoring import contains_answer, kl_per_position
+from ..workers import from_ids, from_texts
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def evaluate(
 ) -> list[dict]:
     """One row of figures per variant, plus a first row for the text route itself on the probe."""
     say = progress or (lambda _: None)
-    forks = [base_fork(lm, item) for item in held_out]
+    forks = [_fork(lm, item) for item in held_out]
     teacher = [tuple(item["answer_ids"]) for item in held_out]
     instructions = [item["instruction"] for item in held_out]
     probe = probe_items(probe_size)
@@ -98,13 +96,18 @@ def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float
     total, count, value_total, value_count, same = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
         for item in items:
-            logits = student_logits(lm, variant.synthesizer, item, variant.layout, variant.options)
+            logits = teacher_forced(lm, _fork(lm, item), item["prompt_ids"], item["answer_ids"], layout=variant.layout,
+                                    synthesizer=variant.synthesizer, options=variant.options)
             kl = kl_per_position(logits, torch.tensor(item["topk_ids"]), torch.tensor(item["topk_logprobs"]))
             mask = torch.tensor(item["value_mask"], dtype=torch.bool)
             total, count = total + kl.sum().item(), count + kl.numel()
             value_total, value_count = value_total + kl[mask].sum().item(), value_count + int(mask.sum())
             same += (logits.argmax(-1).cpu() == torch.tensor(item["answer_ids"])).sum().item()
     return total / max(count, 1), value_total / max(value_count, 1), same / max(count, 1)
+
+
+def _fork(lm: LM, item: dict):
+    return from_ids(lm, item.get("question") or "?", item["prefix_ids"], item["branch_ids"])
 
 
 def _share(flags) -> float:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapter import Synthesizer, resolve
-from ..decode import SamplingParams
+from ..sampling import SamplingParams
 from ..model import LM
 from ..synthesis import CacheOptions, synthesize
 from ..files import Records, read_records, write_json

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import datasets as D
-from ..text import contains_answer
-from ..text import normalize_answer as normalize_span
-from ..text import split_passage
+from ..scoring import contains_answer
+from ..scoring import normalize_answer as normalize_span
 from . import sandbox
 
 KINDS = ("number", "math", "choice", "yesno", "span", "code")
@@ -120,7 +119,7 @@ def _boolq(parts: int) -> list[Item]:
 
 def _squad_split(parts: int) -> list[Item]:
     return [Item(f"squad-{r['id']}", "squad_split", _ask(r["question"], "span"), tuple(r["answers"]),
-                 evidence=split_passage(r["passage"], parts)) for r in D.squad("eval")]
+                 evidence=D.split_passage(r["passage"], parts)) for r in D.squad("eval")]
 
 
 def _humaneval(parts: int) -> list[Item]:

@@ -14,19 +14,20 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 from .. import datasets as D
 from ..chat import DEFAULT_INSTRUCTION, ChatFormat
-from ..decode import SamplingParams, decode_, prefill_rows
+from ..decode import Batch, Row
+from ..forward import prefill_rows
 from ..files import Records, read_records, write_json
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
-from ..text import contains_answer, split_passage
-from ..workers import encode_texts
+from ..scoring import contains_answer
+from ..sampling import SamplingParams
+from ..synthesis import text_row
+from ..workers import Fork, answer_text, encode_texts, fork_many
 
 KINDS = ("facts", "evidence", "icl", "chat", "workers")
 DEFAULT_MIX = (("facts", 0.4), ("evidence", 0.2), ("icl", 0.1), ("chat", 0.15), ("workers", 0.15))
@@ -98,7 +99,7 @@ def _evidence(n: int, rng: random.Random) -> list[Spec]:
     pool += [(r, "boolq") for r in D.boolq("train")]
     out = []
     for r, src in rng.sample(pool, min(n, len(pool))):
-        parts = [p for p in split_passage(r["passage"][:1200], rng.randint(2, 4)) if p]
+        parts = [p for p in D.split_passage(r["passage"][:1200], rng.randint(2, 4)) if p]
         gold = (r["answer"],) if src == "boolq" else tuple(r["answers"])
         question = r["question"] + ("?" if src == "boolq" and not r["question"].endswith("?") else "")
         out.append(Spec(f"{src}-{r['id']}", "evidence", question, tuple(parts), gold=gold))
@@ -184,26 +185,14 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         write_json(path, manifest)
 
 
-def _worker_branches(lm: LM, batch: Sequence[Spec], config: DataConfig) -> dict[str, list[tuple[tuple, tuple]]]:
-    """Run the workers of every `workers` item in the batch as one decode (rows of different prompts)."""
-    fmt = ChatFormat(lm.tokenizer)
-    rows, owners = [], []
-    for spec in batch:
-        if spec.kind == "workers":
-            prefix = lm.tokenizer(fmt.prefix(spec.question), add_special_tokens=False)["input_ids"]
-            for role in spec.roles:
-                opening = tuple(lm.tokenizer(fmt.turn(spec.question, None, role), add_special_tokens=False)["input_ids"])
-                rows.append(list(prefix) + list(opening))
-                owners.append((spec.id, opening))
-    if not rows:
+def _worker_branches(lm: LM, batch: Sequence[Spec], config: DataConfig) -> dict[str, Fork]:
+    """Run the workers of every `workers` item in the batch as one decode (`fork_many`)."""
+    asked = [spec for spec in batch if spec.kind == "workers"]
+    if not asked:
         return {}
-    state, logits = prefill_rows(lm, rows)
     sampling = SamplingParams(config.worker_tokens, config.worker_temperature, 0.95, config.seed)
-    decoded = decode_(lm, state, logits, sampling, close_turn=True)
-    out: dict[str, list[tuple[tuple, tuple]]] = {}
-    for (owner, opening), tokens in zip(owners, decoded.tokens):
-        out.setdefault(owner, []).append((opening, tokens))  # the worker's opening and its answer
-    return out
+    forks = fork_many(lm, [s.question for s in asked], roles=[list(s.roles) for s in asked], sampling=sampling)
+    return {spec.id: f for spec, f in zip(asked, forks)}
 
 
 def _teach(lm: LM, batch: Sequence[Spec], config: DataConfig) -> Iterator[dict]:
@@ -213,27 +202,31 @@ def _teach(lm: LM, batch: Sequence[Spec], config: DataConfig) -> Iterator[dict]:
     rows, parts = [], []
     for spec in batch:
         if spec.kind == "workers":
-            prefix = tuple(lm.tokenizer(fmt.prefix(spec.question), add_special_tokens=False)["input_ids"])
-            branches = [o + t for o, t in worked[spec.id]]
-            texts = [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for _, t in worked[spec.id]]
+            f = worked[spec.id]
+            prefix, branches, texts = f.prefix_ids, [b.token_ids for b in f.branches], [b.text for b in f.branches]
         else:
             prefix, branches = encode_texts(lm, spec.question, spec.texts, roles=spec.roles)
             texts = list(spec.texts)
-        prompt = tuple(lm.tokenizer(fmt.synthesis(spec.question, None, spec.instruction), add_special_tokens=False)["input_ids"])
-        rows.append(list(prefix) + [t for b in branches for t in b] + list(prompt))
+        prompt = fmt.synthesis_ids(spec.question, None, spec.instruction)
+        rows.append(text_row(prefix, branches, prompt))
         parts.append((prefix, branches, texts, prompt))
     state, logits = prefill_rows(lm, rows)
-    decoded = decode_(lm, state, logits, SamplingParams(config.answer_tokens, 0.0), topk=config.topk)
+    rows = [Row(j, SamplingParams(config.answer_tokens), logprobs=config.topk) for j in range(len(batch))]
+    batch_run = Batch(lm, state, logits, rows)
+    dists: dict[int, list] = {j: [] for j in range(len(batch))}
+    for events in batch_run.steps():
+        for e in events:
+            dists[e.key].append(e.logprobs)
     for j, (spec, (prefix, branches, texts, prompt)) in enumerate(zip(batch, parts)):
-        answer = list(decoded.tokens[j])
-        text = lm.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        result = batch_run.results[j]
+        answer, text = list(result.tokens), answer_text(lm, result)
         yield {
             "id": spec.id, "kind": spec.kind, "question": spec.question, "instruction": spec.instruction,
             "roles": list(spec.roles), "branch_texts": texts, "gold": list(spec.gold),
             "prefix_ids": list(prefix), "branch_ids": [list(b) for b in branches], "prompt_ids": list(prompt),
             "answer_ids": answer, "answer": text,
-            "topk_ids": [d[0].tolist() for d in decoded.topk[j]],
-            "topk_logprobs": [[round(x, 4) for x in d[1].tolist()] for d in decoded.topk[j]],
+            "topk_ids": [ids.tolist() for ids, _ in dists[j]],
+            "topk_logprobs": [[round(x, 4) for x in logprobs.tolist()] for _, logprobs in dists[j]],
             "value_mask": value_mask(answer, branches, list(prefix) + list(prompt), lm.stop_ids),
             "teacher_right": contains_answer(text, spec.gold) if spec.gold else None,
         }

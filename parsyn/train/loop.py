@@ -25,14 +25,14 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from ..adapter import AdapterConfig, Synthesizer, attach, lora_on, save
+from ..adapter import AdapterConfig, Synthesizer, attach, save
 from ..adapter import load as load_checkpoint
-from ..decode import forward_
 from ..files import Records, atomic_write, write_json
 from ..layout import LAYOUTS
 from ..mapper import MapperConfig
 from ..model import LM
-from ..synthesis import CacheOptions, cache_inputs, cache_settings
+from ..kv import KV
+from ..synthesis import CacheOptions, teacher_forced
 from ..workers import Fork, from_ids
 from .data import read_items
 from .loss import LossConfig, distill_loss
@@ -109,26 +109,15 @@ def base_fork(lm: LM, item: dict) -> Fork:
     )
 
 
-def _plain(kv):
-    from ..kv import KV
-
+def _plain(kv: KV) -> KV:
     return KV(tuple(k.clone() for k in kv.keys), tuple(v.clone() for v in kv.values), kv.positions.clone())
 
 
-def student_logits(lm: LM, synthesizer: Synthesizer | None, item: dict, layout: str, options: CacheOptions | None = None) -> torch.Tensor:
+def student_logits(lm: LM, synthesizer: Synthesizer | None, item: dict, layout: str,
+                   options: CacheOptions | None = None) -> torch.Tensor:
     """Cache-route logits [T, V] predicting each of the teacher's answer tokens (teacher forcing)."""
-    fork = base_fork(lm, item)
-    layout, options = cache_settings(synthesizer, layout, options)
-    with lora_on(lm, synthesizer):
-        inputs = cache_inputs(lm, fork, item["prompt_ids"], layout=layout,
-                              mapper=synthesizer.mapper if synthesizer else None, options=options)
-        answer = list(item["answer_ids"])
-        start = inputs.positions[-1] + 1
-        ids = inputs.ids + answer[:-1]
-        pos = inputs.positions + list(range(start, start + len(answer) - 1))
-        dev = lm.device
-        logits = forward_(lm, inputs.state, torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), keep=len(answer))
-    return logits[0] if logits.dim() == 3 else logits
+    return teacher_forced(lm, base_fork(lm, item), item["prompt_ids"], item["answer_ids"], layout=layout,
+                          synthesizer=synthesizer, options=options)
 
 
 def train(
@@ -144,52 +133,28 @@ def train(
         raise ValueError(f"no training items in {data}")
     _check_run(run, config, data, accelerator)
     torch.manual_seed(config.seed + accelerator.process_index)
-    synthesizer = attach(lm, config.adapter)
-    state_path = run / "trainer.pt"
-    resumed = state_path.exists()
-    if resumed:
-        synthesizer = load_checkpoint(lm, run / "checkpoint")
+    resumed = (run / "trainer.pt").exists()
+    synthesizer = load_checkpoint(lm, run / "checkpoint") if resumed else attach(lm, config.adapter)
     synthesizer.recipe = {"train": config.to_dict(), "data": str(data), "items": len(items)}
-    params = _param_groups(lm, synthesizer, config)
+    params = _param_groups(synthesizer, config)
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
-    start = 0
-    if resumed:
-        saved = torch.load(state_path, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        start = saved["step"]
-        random.setstate(saved["python_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-    student = Student(lm, synthesizer, config.loss)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    start = _resume(run / "trainer.pt", optimizer, scheduler) if resumed else 0
+    student, optimizer = accelerator.prepare(Student(lm, synthesizer, config.loss), optimizer)
     log = _Log(run / "metrics.jsonl", start, accelerator.is_main_process)
     bar = _bar(config.steps, start, show_progress and accelerator.is_main_process)
-    world = accelerator.num_processes
     t0 = time.perf_counter()
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     for step in range(start, end):
         layout = random.Random(config.seed * 1_000_003 + step).choice(config.layouts)
-        stats: dict = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
-        for micro in range(config.accumulate):
-            index = (step * config.accumulate + micro) * world + accelerator.process_index
-            item = _pick(items, index, config.seed)
-            with accelerator.accumulate(student):
-                loss, parts = student(item, layout)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.clip:
-                    accelerator.clip_grad_norm_([p for g in params for p in g["params"]], config.clip)
-                optimizer.step()
-                optimizer.zero_grad()
-            stats["loss"] += loss.item() / config.accumulate
-            stats["kl"] += parts["kl"] / config.accumulate
-            stats["ce"] += parts["ce"] / config.accumulate
+        stats = _step(student, optimizer, accelerator, [p for g in params for p in g["params"]], items, step, layout,
+                      config)
         scheduler.step()
         done = step + 1
         bar(done, stats["loss"])
         if done % config.log_every == 0 or done == config.steps:
             log.write({"step": done, **stats, "layout": layout, "lr": scheduler.get_last_lr()[0],
-                       "seconds": time.perf_counter() - t0, "world_size": world})
+                       "seconds": time.perf_counter() - t0, "world_size": accelerator.num_processes})
         if done % config.checkpoint_every == 0 or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -200,11 +165,39 @@ def train(
     return synthesizer
 
 
-def _param_groups(lm: LM, synthesizer: Synthesizer, config: TrainConfig) -> list[dict]:
+def _step(student, optimizer, accelerator: Accelerator, params: list, items: Sequence[dict], step: int, layout: str,
+          config: TrainConfig) -> dict:
+    """One optimizer step over `accumulate` micro-batches of one item per process; mean loss parts."""
+    stats: dict = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+    world = accelerator.num_processes
+    for micro in range(config.accumulate):
+        index = (step * config.accumulate + micro) * world + accelerator.process_index
+        with accelerator.accumulate(student):
+            loss, parts = student(_pick(items, index, config.seed), layout)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.clip:
+                accelerator.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+            optimizer.zero_grad()
+        stats["loss"] += loss.item() / config.accumulate
+        stats["kl"] += parts["kl"] / config.accumulate
+        stats["ce"] += parts["ce"] / config.accumulate
+    return stats
+
+
+def _resume(path: Path, optimizer, scheduler) -> int:
+    """Restore the optimizer, schedule and random states saved at a checkpoint; the step to continue from."""
+    saved = torch.load(path, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    random.setstate(saved["python_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["step"]
+
+
+def _param_groups(synthesizer: Synthesizer, config: TrainConfig) -> list[dict]:
     groups = []
-    lora = [p for n, p in lm.model.named_parameters() if "lora_" in n]
-    for p in lora:
-        p.requires_grad_(True)
+    lora = synthesizer.lora.parameters() if synthesizer.lora is not None else []
     if lora:
         groups.append({"params": lora, "lr": config.lr})
     if synthesizer.mapper is not None:

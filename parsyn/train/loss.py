@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..scoring import kl_per_position
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -20,14 +22,6 @@ class LossConfig:
             raise ValueError(f"LossConfig needs kl, ce >= 0 and not both 0, got kl={self.kl}, ce={self.ce}")
         if self.value_weight <= 0 or self.right_weight <= 0:
             raise ValueError(f"LossConfig weights must be positive, got {self.value_weight}, {self.right_weight}")
-
-
-def kl_per_position(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per position [T] over the teacher's top-k ids [T, K], both renormalized there.
-    logits: student logits [T, V]."""
-    teacher = torch.log_softmax(topk_logprobs.float(), dim=-1)
-    student = torch.log_softmax(logits.float().gather(-1, topk_ids), dim=-1)
-    return (teacher.exp() * (teacher - student)).sum(-1)
 
 
 def distill_loss(

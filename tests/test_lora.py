@@ -1,0 +1,92 @@
+"""parsyn's own LoRA layer: PEFT's arithmetic, active only where and in the thread where it is asked for."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from parsyn.lora import LoRA, LoRALinear, detach
+
+from conftest import tiny_lm
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def randomized(lora: LoRA, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture
+def pair(tokenizer):
+    """The same tiny model twice: one with PEFT's LoRA (the pinned release), one with parsyn's."""
+    base = tiny_lm("llama", tokenizer).model
+    theirs = copy.deepcopy(base)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), bias="none"), theirs)
+    mine = LoRA(base, TARGETS, rank=4, alpha=8)
+    randomized(mine)
+    state = {k: v.clone() for k, v in mine.state_dict().items()}
+    assert set(state) == set(get_peft_model_state_dict(theirs))  # the same tensor names: checkpoints carry over
+    set_peft_model_state_dict(theirs, state)
+    return base, mine, theirs
+
+
+def test_active_lora_is_pefts_lora_and_inactive_is_the_base_model(pair, tokenizer):
+    base, mine, theirs = pair
+    ids = torch.randint(3, 40000, (2, 9), generator=torch.Generator().manual_seed(1))
+    plain = logits(tiny_lm("llama", tokenizer).model, ids)
+    torch.testing.assert_close(logits(base, ids), plain, atol=0, rtol=0)  # attached but not active
+    with mine.active():
+        torch.testing.assert_close(logits(base, ids), logits(theirs, ids), atol=0, rtol=0)
+    assert (logits(theirs, ids) - plain).abs().max() > 1e-3  # the update matters
+
+
+def test_rows_mask_applies_the_lora_to_some_rows_only(pair):
+    base, mine, _ = pair
+    ids = torch.randint(3, 40000, (2, 9), generator=torch.Generator().manual_seed(2))
+    plain = logits(base, ids)
+    with mine.active():
+        adapted = logits(base, ids)
+    with mine.active(rows=torch.tensor([True, False])):
+        mixed = logits(base, ids)
+    torch.testing.assert_close(mixed[0], adapted[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], plain[1], atol=1e-6, rtol=0)
+
+
+def test_activation_is_private_to_its_thread(pair):
+    base, mine, _ = pair
+    ids = torch.randint(3, 40000, (1, 7), generator=torch.Generator().manual_seed(3))
+    plain = logits(base, ids)
+    seen = {}
+    with mine.active():
+        worker = threading.Thread(target=lambda: seen.update(other=logits(base, ids)))
+        worker.start()
+        worker.join()
+        seen["here"] = logits(base, ids)
+    torch.testing.assert_close(seen["other"], plain, atol=0, rtol=0)
+    assert (seen["here"] - plain).abs().max() > 1e-3
+
+
+def test_detach_restores_the_base_layers_and_a_second_lora_needs_it(pair, tokenizer):
+    base, mine, _ = pair
+    with pytest.raises(ValueError, match="already holds a LoRA"):
+        LoRA(base, TARGETS, rank=2, alpha=4)
+    assert detach(base) == 2 * len(TARGETS)
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+    ids = torch.randint(3, 40000, (1, 5))
+    with mine.active():  # its layers are gone from the model: nothing applies
+        torch.testing.assert_close(logits(base, ids), logits(tiny_lm("llama", tokenizer).model, ids), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no linear layer"):
+        LoRA(base, ("nothing_proj",), rank=2, alpha=4)
