@@ -11,7 +11,6 @@ workers and the text route always run the base model, even in the same batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from .files import atomic_write, write_json
 from .layout import LAYOUTS
 from .lora import LoRA, detach
 from .mapper import MapperConfig, build_mapper
-from .model import LM
+from .model import LM, identity
 from .rope import rope_of
 
 FORMAT = "parsyn-synthesizer"
@@ -94,21 +93,6 @@ class Synthesizer:
     def parameters(self) -> list[nn.Parameter]:
         lora = self.lora.parameters() if self.lora is not None and self.config.lora else []
         return lora + (list(self.mapper.parameters()) if self.mapper is not None else [])
-
-
-def identity(lm: LM) -> dict:
-    """Name plus hashes of the model config and the tokenizer: what a checkpoint must match."""
-    settings = lm.model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-                     "_attn_implementation_autoset", "quantization_config", "use_cache"):
-        settings.pop(volatile, None)
-    tok = lm.tokenizer
-    vocab = json.dumps(sorted(tok.get_vocab().items())) + json.dumps(tok.all_special_tokens) + str(tok.chat_template)
-    return {
-        "name": lm.name,
-        "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16],
-        "tokenizer_hash": hashlib.sha256(vocab.encode()).hexdigest()[:16],
-    }
 
 
 def attach(lm: LM, config: AdapterConfig) -> Synthesizer:

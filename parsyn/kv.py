@@ -6,12 +6,18 @@ were rotated at. Nothing in parsyn writes into a `KV`'s tensors; operations retu
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+FORMAT = "parsyn-kv"
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,21 +46,43 @@ class KV:
     def n_layers(self) -> int:
         return len(self.keys)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+    def to_bytes(self, model: str) -> bytes:
+        """A lossless byte form (safetensors): every layer's keys and values in their dtype, the positions,
+        and `model`, the fingerprint of the model that computed them (`LM.fingerprint`)."""
+        tensors = {f"keys.{i}": k.detach().cpu().contiguous() for i, k in enumerate(self.keys)}
+        tensors |= {f"values.{i}": v.detach().cpu().contiguous() for i, v in enumerate(self.values)}
+        tensors["positions"] = self.positions.detach().cpu().contiguous()
+        return save(tensors, metadata={"format": FORMAT, "version": "1", "model": model, "layers": str(self.n_layers)})
 
-    def slice(self, start: int, end: int | None = None) -> KV:
-        """Tokens [start, end) as views (no copy); safe because nothing writes into a KV."""
-        end = self.length if end is None else end
-        return KV(
-            tuple(k[:, :, start:end] for k in self.keys),
-            tuple(v[:, :, start:end] for v in self.values),
-            self.positions[start:end],
-        )
+    @classmethod
+    def from_bytes(cls, data: bytes, *, model: str, device: str | torch.device = "cpu") -> KV:
+        """The KV `to_bytes` wrote; ValueError when the bytes are not one or another model computed it."""
+        meta = _metadata(data)
+        if meta.get("format") != FORMAT:
+            raise ValueError("not parsyn KV bytes (no parsyn-kv header)")
+        if meta.get("model") != model:
+            raise ValueError(f"these K/V were computed by model {meta.get('model')}; this model is {model}")
+        try:
+            tensors = load(bytes(data))
+            layers = range(int(meta["layers"]))
+            return cls(tuple(tensors[f"keys.{i}"].to(device) for i in layers),
+                       tuple(tensors[f"values.{i}"].to(device) for i in layers), tensors["positions"].to(device))
+        except (SafetensorError, KeyError, ValueError) as error:
+            raise ValueError(f"corrupt KV bytes: {error}") from None
 
     def with_keys(self, keys: Sequence[torch.Tensor], positions: torch.Tensor) -> KV:
         return KV(tuple(keys), self.values, positions)
+
+
+def _metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors byte string: its header is an 8-byte little-endian length, then JSON."""
+    try:
+        size = struct.unpack("<Q", bytes(data[:8]))[0]
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def cat(segments: Sequence[KV]) -> KV:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import psutil
@@ -86,11 +88,39 @@ class LM:
         ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
         return tuple(sorted(i for i in ids if i is not None))
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """What K/V computed by this model depends on: config, tokenizer, dtype and (a strided sample of)
+        every weight. Two loads of the same weights in the same dtype agree; another model does not."""
+        h = hashlib.sha256(json.dumps(identity(self), sort_keys=True).encode() + str(self.dtype).encode())
+        for name, p in sorted(self.model.named_parameters()):
+            if "lora_" in name:
+                continue
+            h.update(name.replace(".base_layer", "").encode() + str(tuple(p.shape)).encode())
+            flat = p.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def pad_id(self) -> int:
         """The token placed in padding slots (masked, so its value never reaches a real row)."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.stop_ids[0]
+
+
+def identity(lm: LM) -> dict:
+    """Name plus hashes of the model config and the tokenizer: what a trained synthesizer must match."""
+    settings = lm.model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+                     "_attn_implementation_autoset", "quantization_config", "use_cache"):
+        settings.pop(volatile, None)
+    tok = lm.tokenizer
+    vocab = json.dumps(sorted(tok.get_vocab().items())) + json.dumps(tok.all_special_tokens) + str(tok.chat_template)
+    return {
+        "name": lm.name,
+        "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "tokenizer_hash": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+    }
 
 
 def free_memory(device: torch.device) -> int:

@@ -133,25 +133,20 @@ def prepare(
         return Prepared(state, logits, len(inputs.ids), inputs.spans)
 
 
-def stream(
-    lm: LM,
-    fork: Fork,
-    *,
-    route: str = "cache",
-    layout: str | None = None,
-    instruction: str = DEFAULT_INSTRUCTION,
-    sampling: SamplingParams = SYNTH_SAMPLING,
-    synthesizer: Trained | None = None,
-    options: CacheOptions | None = None,
-) -> Iterator[Token]:
-    """The synthesized answer as it decodes: one `Token` per sampled token, its `text` the new piece of
-    the answer (an incremental detokenizer; text that may begin a stop string waits). Arguments as `synthesize`."""
-    ready = prepare(lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
-                    options=options, max_new_tokens=sampling.max_new_tokens)
-    batch = Batch(lm, ready.state, ready.logits, [Row("answer", sampling, text=True)],
-                  adapter=synthesizer if route == "cache" else None)
+def stream(lm: LM, fork: Fork, *, sampling: SamplingParams = SYNTH_SAMPLING, **route) -> Iterator[Token]:
+    """The synthesized answer as it decodes: one `Token` per sampled token, its `text` the new piece of the
+    answer (an incremental detokenizer; text that may begin a stop string waits). `route` takes the
+    keyword arguments of `synthesize` (route, layout, instruction, synthesizer, options)."""
+    batch = _start(lm, fork, sampling, route, text=True)[1]
     for events in batch.steps():
         yield from events
+
+
+def _start(lm: LM, fork: Fork, sampling: SamplingParams, route: dict, *, text: bool = False) -> tuple[Prepared, Batch]:
+    """A route prepared up to its first token, as a one-row batch ready to decode."""
+    ready = prepare(lm, fork, max_new_tokens=sampling.max_new_tokens, **route)
+    trained = route.get("synthesizer") if route.get("route", "cache") == "cache" else None
+    return ready, Batch(lm, ready.state, ready.logits, [Row("answer", sampling, text=text)], adapter=trained)
 
 
 def synthesize(
@@ -173,10 +168,8 @@ def synthesize(
     its aid recomputes the first tokens of every branch) and `options` (training-free variants; default:
     the synthesizer's aid). The text route always runs the base model. on_token(id) reports each token."""
     t0 = time.perf_counter()
-    ready = prepare(lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
-                    options=options, max_new_tokens=sampling.max_new_tokens)
-    batch = Batch(lm, ready.state, ready.logits, [Row("answer", sampling)],
-                  adapter=synthesizer if route == "cache" else None)
+    ready, batch = _start(lm, fork, sampling, dict(route=route, layout=layout, instruction=instruction,
+                                                   synthesizer=synthesizer, options=options))
     first = None
     for events in batch.steps():
         if first is None:

@@ -7,6 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from parsyn import adapter as A
+from parsyn.batch import answers
+from parsyn.mapper import MapperConfig
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import prepare, synthesize
 from parsyn.workers import Fork, fork, from_texts
@@ -99,3 +102,29 @@ def test_unknown_route_and_too_long_answers_are_refused(tokenizer):
         synthesize(lm, f, route="image")
     with pytest.raises(ValueError, match="positions"):
         synthesize(lm, f, sampling=SamplingParams(max_new_tokens=4090))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_batched_answers_are_the_one_by_one_answers(tokenizer, family, trained):
+    """Every agreement figure comes from `batch.answers`; it must give what `synthesize` gives alone."""
+    lm = tiny_lm(family, tokenizer)
+    synthesizer = None
+    if trained:  # a synthesizer whose parts all change the route: random LoRA, tagged mapper with random tags
+        synthesizer = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="tagged")))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in synthesizer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    texts = ["Vera lives in Oslo.", "Ann lives in Lima and likes tea.", "5", "The larger one is 5, not 3."]
+    forks = [from_texts(lm, QUESTION, texts[:k]) for k in (1, 2, 3, 4)]
+    forks.append(fork(lm, QUESTION, workers=2, sampling=SamplingParams(max_new_tokens=15, temperature=1.0, seed=2)))
+    for route, layout in [("text", None), ("cache", "parallel"), ("cache", "sequential")]:
+        together = answers(lm, forks, route=route, layout=layout, sampling=GREEDY, synthesizer=synthesizer, batch=3)
+        alone = [synthesize(lm, f, route=route, layout=layout, sampling=GREEDY, synthesizer=synthesizer) for f in forks]
+        assert [t for t, _ in together] == [s.token_ids for s in alone], (route, layout)
+        assert [a for _, a in together] == [s.answer for s in alone]
+    if trained:  # the trained parts were in play: the raw route answers differently
+        raw = answers(lm, forks, route="cache", sampling=GREEDY)
+        assert [t for t, _ in raw] != [t for t, _ in answers(lm, forks, route="cache", sampling=GREEDY,
+                                                              synthesizer=synthesizer)]

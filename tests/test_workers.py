@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from parsyn.kv import KV
 from parsyn.sampling import SamplingParams
-from parsyn.workers import fork, from_texts
+from parsyn.synthesis import synthesize
+from parsyn.workers import fork, fork_many, from_texts
 
 from conftest import tiny_lm
 
@@ -85,3 +89,43 @@ def test_given_texts_are_prefilled_after_the_prefix(tokenizer):
 def test_bad_input_gets_a_clear_error(tokenizer, call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_lm("llama", tokenizer))
+
+
+def test_fork_many_forks_each_question_as_fork_does(tokenizer):
+    lm = tiny_lm("qwen3", tokenizer)
+    greedy = SamplingParams(max_new_tokens=12)
+    questions = ["Name one planet.", "Which is the largest planet of the solar system, and why is it so large?"]
+    roles = [["Answer in one word.", "Answer with a sentence."], ["Be brief.", "Add a fact.", "Explain."]]
+    many = fork_many(lm, questions, roles=roles, sampling=greedy)
+    for f, q, r in zip(many, questions, roles):
+        alone = fork(lm, q, workers=len(r), roles=r, sampling=greedy)
+        assert f.prefix_ids == alone.prefix_ids and [b.role for b in f.branches] == r
+        assert [b.token_ids for b in f.branches] == [b.token_ids for b in alone.branches]
+        for a, b in zip((f.prefix, *(x.kv for x in f.branches)), (alone.prefix, *(x.kv for x in alone.branches))):
+            assert torch.equal(a.positions, b.positions)
+            for x, y in zip(a.keys + a.values, b.keys + b.values):
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="role lists for 1 questions"):
+        fork_many(lm, questions, roles=[["a"]])
+
+
+def test_kv_bytes_round_trip_and_are_refused_by_another_model(tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    f = from_texts(lm, QUESTION, ["Mars.", "Jupiter is the largest planet."])
+    kv = f.branches[1].kv
+    back = KV.from_bytes(kv.to_bytes(lm.fingerprint), model=lm.fingerprint)
+    assert torch.equal(back.positions, kv.positions)
+    assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, kv.keys + kv.values))
+    half = KV(tuple(k.bfloat16() for k in kv.keys), tuple(v.bfloat16() for v in kv.values), kv.positions)
+    assert KV.from_bytes(half.to_bytes("m"), model="m").keys[0].dtype == torch.bfloat16
+    # a fork rebuilt from shipped bytes synthesizes exactly as the original
+    shipped = dataclasses.replace(f, branches=tuple(
+        dataclasses.replace(b, kv=KV.from_bytes(b.kv.to_bytes(lm.fingerprint), model=lm.fingerprint)) for b in f.branches))
+    greedy = SamplingParams(max_new_tokens=8)
+    assert synthesize(lm, shipped, sampling=greedy).token_ids == synthesize(lm, f, sampling=greedy).token_ids
+    assert tiny_lm("llama", tokenizer).fingerprint == lm.fingerprint  # the same weights, loaded again
+    other = tiny_lm("llama", tokenizer, seed=1)
+    with pytest.raises(ValueError, match="computed by model"):
+        KV.from_bytes(kv.to_bytes(lm.fingerprint), model=other.fingerprint)
+    with pytest.raises(ValueError, match="not parsyn KV"):
+        KV.from_bytes(b"\x00" * 40, model=lm.fingerprint)
