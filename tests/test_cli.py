@@ -29,7 +29,12 @@ def test_run_both_routes_as_json():
     # the packaged synthesizer is on by default: its mapper calibrates every branch span
     assert report["adapter"] == "auto (packaged)"
     assert [p["how"] for p in cache["provenance"]] == ["reused", "mapped", "mapped", "recomputed"]
-    assert report["speedup"] == pytest.approx(text["ttft_s"] / cache["ttft_s"])
+    # the spans account for every token: branches as long as reported, the prompt is what the cache route prefilled
+    tokens = [b["tokens"] for b in report["branches"]]
+    assert [p["length"] for p in cache["provenance"][1:3]] == tokens
+    assert cache["provenance"][-1]["length"] == cache["prefill_tokens"]
+    assert text["prefill_tokens"] == cache["provenance"][0]["length"] + sum(tokens) + cache["prefill_tokens"]
+    assert [p["start"] for p in cache["provenance"][1:3]] == [cache["provenance"][0]["length"]] * 2  # parallel
     raw = json.loads(parsyn("run", "What is the capital of France?", "--workers", "2", "--max-new-tokens", "4",
                             "--adapter", "none", "--json").stdout)
     assert raw["adapter"] is None

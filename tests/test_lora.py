@@ -85,7 +85,7 @@ def test_detach_restores_the_base_layers_and_a_second_lora_needs_it(pair, tokeni
         LoRA(base, TARGETS, rank=2, alpha=4)
     assert detach(base) == 2 * len(TARGETS)
     assert not any(isinstance(m, LoRALinear) for m in base.modules())
-    ids = torch.randint(3, 40000, (1, 5))
+    ids = torch.randint(3, 40000, (1, 5), generator=torch.Generator().manual_seed(4))
     with mine.active():  # its layers are gone from the model: nothing applies
         torch.testing.assert_close(logits(base, ids), logits(tiny_lm("llama", tokenizer).model, ids), atol=0, rtol=0)
     with pytest.raises(ValueError, match="no linear layer"):

@@ -33,37 +33,34 @@ def data(
 def train(
     data_file: Annotated[Path, typer.Argument(metavar="DATA", help="items.jsonl from `parsyn data`.")],
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (resumes if it holds a run).")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 3e-4,
-    mapper_lr: Annotated[float, typer.Option(help="Mapper learning rate.")] = 3e-3,
-    mapper: Annotated[str, typer.Option(help="Mapper kind: affine, tagged or none.")] = "affine",
-    lora: Annotated[bool, typer.Option(help="Train a LoRA on the synthesizer.")] = True,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    kl: Annotated[float, typer.Option(help="Weight of KL(teacher || student).")] = 1.0,
-    ce: Annotated[float, typer.Option(help="Weight of cross-entropy on the teacher's tokens.")] = 0.0,
-    value_weight: Annotated[float, typer.Option(help="Weight of answer positions copied from a branch.")] = 5.0,
-    layouts: Annotated[str, typer.Option(help="Layouts drawn per step, comma-separated.")] = "parallel,sequential",
-    layout: Annotated[str, typer.Option(help="Layout the checkpoint uses by default at synthesis.")] = "parallel",
-    recompute: Annotated[int, typer.Option(help="Structural aid: first tokens of each branch recomputed.")] = 0,
-    accumulate: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    recipe: Annotated[Optional[str], typer.Option(help="A named recipe (parsyn/configs, e.g. smollm2-135m-instruct) or a JSON file; flags below override it.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps [1500].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate [3e-4].")] = None,
+    mapper_lr: Annotated[Optional[float], typer.Option(help="Mapper learning rate [3e-3].")] = None,
+    mapper: Annotated[Optional[str], typer.Option(help="Mapper kind: affine, tagged or none [affine].")] = None,
+    lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train a LoRA on the synthesizer [yes].")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank [16].")] = None,
+    kl: Annotated[Optional[float], typer.Option(help="Weight of KL(teacher || student) [1].")] = None,
+    ce: Annotated[Optional[float], typer.Option(help="Weight of cross-entropy on the teacher's tokens [0].")] = None,
+    value_weight: Annotated[Optional[float], typer.Option(help="Weight of answer positions copied from a branch [5].")] = None,
+    layouts: Annotated[Optional[str], typer.Option(help="Layouts drawn per step, comma-separated [parallel,sequential].")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="Layout the checkpoint uses by default at synthesis [parallel].")] = None,
+    recompute: Annotated[Optional[int], typer.Option(help="Structural aid: first tokens of each branch recomputed [0].")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1].")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [100].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed [0].")] = None,
     on_error: Annotated[str, typer.Option(help="Malformed data lines: stop or skip (both name the lines).")] = "stop",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
 ) -> None:
-    """Train a synthesizer (LoRA + mapper) by distillation from the text route; resumable."""
-    from ..adapter import AdapterConfig
-    from ..mapper import MapperConfig
+    """Train a synthesizer (LoRA + mapper) by distillation from the text route; resumable. Defaults in
+    brackets hold without --recipe."""
+    from ..train import recipes
     from ..train.loop import TrainConfig, train as run_training
-    from ..train.loss import LossConfig
 
-    config = TrainConfig(
-        steps=steps, lr=lr, mapper_lr=mapper_lr, accumulate=accumulate, checkpoint_every=checkpoint_every, seed=seed,
-        layouts=tuple(l.strip() for l in layouts.split(",") if l.strip()),
-        loss=LossConfig(kl=kl, ce=ce, value_weight=value_weight),
-        adapter=AdapterConfig(lora=lora, rank=rank, alpha=2 * rank, layout=layout, recompute=recompute,
-                              mapper=None if mapper == "none" else MapperConfig(kind=mapper)),
-    )
+    base = recipes.load(recipe) if recipe else TrainConfig()
+    config = recipes.override(base, steps=steps, lr=lr, mapper_lr=mapper_lr, mapper=mapper, lora=lora, rank=rank, kl=kl,
+                              ce=ce, value_weight=value_weight, layouts=layouts, layout=layout, recompute=recompute,
+                              accumulate=accumulate, checkpoint_every=checkpoint_every, seed=seed)
     if not data_file.is_file():
         raise ValueError(f"data file not found: {data_file}")
     lm = load_model(model)
