@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/parsyn run "$(QUESTION)" --workers 3 --route both --layout parallel --max-new-tokens 96
 
 test: install
+	$(VENV)/bin/ruff check parsyn tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 bench: install

@@ -37,7 +37,8 @@ CANDIDATES = {
     # the LoRA alone, no mapper
     "kl-lora": TrainConfig(loss=KL, adapter=AdapterConfig()),
     # KL with a little cross-entropy
-    "kl+ce-tagged": TrainConfig(loss=dataclasses.replace(KL, ce=0.1), adapter=AdapterConfig(mapper=MapperConfig(kind="tagged"))),
+    "kl+ce-tagged": TrainConfig(loss=dataclasses.replace(KL, ce=0.1),
+                                adapter=AdapterConfig(mapper=MapperConfig(kind="tagged"))),
 }
 
 
@@ -67,7 +68,7 @@ def main() -> None:
         train(lm, args.data, args.runs / name, config)
         minutes = (time.perf_counter() - t0) / 60
         synthesizer = load_checkpoint(lm, args.runs / name / "checkpoint")
-        rows = evaluate(lm, [Variant(f"{name} {l}", l, synthesizer) for l in ("parallel", "sequential")],
+        rows = evaluate(lm, [Variant(f"{name} {layout}", layout, synthesizer) for layout in ("parallel", "sequential")],
                         held, probe_size=args.probe, progress=print)
         results["candidates"][name] = {"config": config.to_dict(), "train_minutes": minutes, "rows": rows[1:]}
         _write(args.out, results)

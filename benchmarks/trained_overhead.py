@@ -1,6 +1,7 @@
 """What the trained parts add to the cache route's time to first token on the default model: the
 prompt prefill over a composed cache (`prepare`) raw, with the packaged checkpoint's mapper only, its
-LoRA only, and both; plus one LoRA switch on and off. Medians of round-robin repeats.
+LoRA only, and both; plus entering and leaving the LoRA's active context once. Medians of round-robin
+repeats.
 
     python benchmarks/trained_overhead.py --out results/trained_overhead.json
 """
@@ -41,12 +42,12 @@ def main() -> None:
 
     def switch() -> float:
         t0 = time.perf_counter()
-        with adapter.lora_on(lm, trained):
+        with trained.active():
             pass
         return time.perf_counter() - t0
 
     timers = {v.name: timer(v.synthesizer) for v in ablations(trained, ["parallel"])}
-    times = bench.round_robin({**timers, "LoRA switch on and off": switch}, args.repeats)
+    times = bench.round_robin({**timers, "LoRA active context, in and out": switch}, args.repeats)
     report = {
         "environment": bench.environment(lm),
         "branch_tokens": [len(b.token_ids) for b in f.branches],

@@ -116,7 +116,8 @@ def save(synthesizer: Synthesizer, lm: LM, path: Path) -> Path:
         state = synthesizer.lora.state_dict()
         tensors.update({f"lora.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()})
     if synthesizer.mapper is not None:
-        tensors.update({f"mapper.{k}": v.detach().float().cpu().contiguous() for k, v in synthesizer.mapper.state_dict().items()})
+        tensors.update({f"mapper.{k}": v.detach().float().cpu().contiguous()
+                        for k, v in synthesizer.mapper.state_dict().items()})
     meta = {"format": FORMAT, "version": 1, "base": synthesizer.base, "adapter": asdict(synthesizer.config),
             "recipe": synthesizer.recipe}
     atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p)))

@@ -17,8 +17,20 @@ from .decode import Row, decode
 from .forward import prefill_rows
 from .model import LM
 from .sampling import SamplingParams
-from .synthesis import ROUTES, CacheOptions, Trained, adapter, cache_inputs, prompt_tokens, run_cache, settings, text_row
+from .synthesis import (
+    ROUTES,
+    CacheOptions,
+    Trained,
+    adapter,
+    cache_inputs,
+    prompt_tokens,
+    run_cache,
+    settings,
+    text_row,
+)
 from .workers import Fork, answer_text
+
+ANSWER_SAMPLING = SamplingParams(max_new_tokens=32)
 
 
 def answers(
@@ -28,7 +40,7 @@ def answers(
     route: str,
     layout: str | None = None,
     instructions: Sequence[str] | None = None,
-    sampling: SamplingParams = SamplingParams(max_new_tokens=32),
+    sampling: SamplingParams = ANSWER_SAMPLING,
     synthesizer: Trained | None = None,
     options: CacheOptions | None = None,
     batch: int = 16,
@@ -45,7 +57,8 @@ def answers(
         prompts = [prompt_tokens(lm, f, i) for f, i in group]
         with torch.inference_mode():
             if route == "text":
-                rows = [text_row(f.prefix_ids, [b.token_ids for b in f.branches], p) for (f, _), p in zip(group, prompts)]
+                rows = [text_row(f.prefix_ids, [b.token_ids for b in f.branches], p)
+                        for (f, _), p in zip(group, prompts)]
                 state, logits = prefill_rows(lm, rows)
             else:
                 mapper = synthesizer.mapper if synthesizer else None

@@ -36,7 +36,8 @@ class ChatFormat:
     def prefix_ids(self, question: str, system: str | None = None) -> tuple[int, ...]:
         return self.ids(self.prefix(question, system))
 
-    def synthesis_ids(self, question: str, system: str | None, instruction: str = DEFAULT_INSTRUCTION) -> tuple[int, ...]:
+    def synthesis_ids(self, question: str, system: str | None,
+                      instruction: str = DEFAULT_INSTRUCTION) -> tuple[int, ...]:
         return self.ids(self.synthesis(question, system, instruction))
 
     def _render(self, messages: list[dict], generation: bool) -> str:

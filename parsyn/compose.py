@@ -46,7 +46,8 @@ class Composed:
         return cat(self.segments)
 
 
-def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "parallel", mapper: Mapper | None = None) -> Composed:
+def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "parallel",
+            mapper: Mapper | None = None) -> Composed:
     """Place every branch under `layout`, re-rotate the keys of moved branches and optionally map them:
     the context [prefix, branch 1, ..., branch N]. Moved or mapped branches are new tensors; the inputs
     are never written to."""

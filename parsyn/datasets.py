@@ -90,7 +90,8 @@ def drop(split: str = "all") -> list[dict]:
 def boolq(split: str = "all") -> list[dict]:
     """BoolQ validation (3270): passage, question, answer ('yes'/'no')."""
     rows = [{"id": f"boolq-{i}", "passage": r["passage"], "question": r["question"],
-             "answer": "yes" if str(r["answer"]) == "True" else "no"} for i, r in enumerate(olmo_arrow("boolq/none/validation"))]
+             "answer": "yes" if str(r["answer"]) == "True" else "no"}
+            for i, r in enumerate(olmo_arrow("boolq/none/validation"))]
     return _split(rows, split)
 
 

@@ -76,7 +76,8 @@ def stack(states: Sequence[State]) -> State:
     key_pos = torch.cat([padded(s.key_pos, -1) for s in states])
     bias = None
     if any(s.key_bias is not None for s in states):
-        bias = torch.cat([padded(s.key_bias if s.key_bias is not None else torch.zeros_like(s.key_pos, dtype=torch.float32))
+        bias = torch.cat([padded(s.key_bias if s.key_bias is not None
+                                 else torch.zeros_like(s.key_pos, dtype=torch.float32))
                           for s in states])
     return State(to_cache(kv), key_pos, torch.cat([s.next_pos for s in states]), bias)
 

@@ -28,7 +28,8 @@ class KV:
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:
-            raise ValueError(f"KV needs one key and one value tensor per layer, got {len(self.keys)}/{len(self.values)}")
+            raise ValueError(f"KV needs one key and one value tensor per layer, "
+                             f"got {len(self.keys)}/{len(self.values)}")
         t = self.positions.shape[-1]
         for k, v in zip(self.keys, self.values):
             if k.shape[:3] != v.shape[:3] or k.shape[2] != t:
@@ -117,7 +118,8 @@ def to_cache(segments: KV | Sequence[KV]) -> DynamicCache:
         raise ValueError("to_cache needs at least one KV segment")
     cache = DynamicCache()
     cache.layers = [
-        _JoinedLayer([s.keys[i] for s in segments], [s.values[i] for s in segments]) for i in range(segments[0].n_layers)
+        _JoinedLayer([s.keys[i] for s in segments], [s.values[i] for s in segments])
+        for i in range(segments[0].n_layers)
     ]
     return cache
 

@@ -48,7 +48,8 @@ class MapperConfig:
 def _features(length: int, branches: int, layers: int, device) -> torch.Tensor:
     """[layers, 3]: log1p(branch length), log1p(number of branches), layer position in [0, 1]."""
     depth = torch.arange(layers, dtype=torch.float32, device=device) / max(layers - 1, 1)
-    return torch.stack([torch.full_like(depth, math.log1p(length)), torch.full_like(depth, math.log1p(branches)), depth], -1)
+    return torch.stack([torch.full_like(depth, math.log1p(length)), torch.full_like(depth, math.log1p(branches)),
+                        depth], -1)
 
 
 class AffineMapper(nn.Module):

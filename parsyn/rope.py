@@ -75,7 +75,8 @@ def rotate(keys: torch.Tensor, inv_freq: torch.Tensor, old: torch.Tensor, new: t
         raise ValueError(f"positions {tuple(old.shape)} -> {tuple(new.shape)} do not fit keys {tuple(keys.shape)}")
     freq = inv_freq.to(keys.device, torch.float32)
     # the model's own angles: fp32 position × fp32 frequency; their difference in float64
-    delta = (new.to(keys.device).float()[:, None] * freq).double() - (old.to(keys.device).float()[:, None] * freq).double()
+    delta = ((new.to(keys.device).float()[:, None] * freq).double()
+             - (old.to(keys.device).float()[:, None] * freq).double())
     delta = torch.cat([delta, delta], dim=-1)  # [T, D_rot], rotate-half layout
     d = delta.shape[-1]
     k = keys[..., :d].double()

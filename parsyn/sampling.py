@@ -46,7 +46,8 @@ def generator(params: SamplingParams, device: torch.device) -> torch.Generator |
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> list[int]:
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
     """Next token of every row from logits [B, V]: one argmax for the batch, then a draw per sampled row.
     Returns plain ints (one host sync for the batch)."""
     tokens = logits.argmax(-1)

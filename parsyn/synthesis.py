@@ -242,8 +242,9 @@ def run_cache(lm: LM, inputs: Sequence[CacheInputs], extra: Sequence[Sequence[in
     return state, feed_(lm, state, rows, positions, keep=keep)
 
 
-def teacher_forced(lm: LM, fork: Fork, prompt_ids: Sequence[int], answer_ids: Sequence[int], *, layout: str | None = None,
-                   synthesizer: Trained | None = None, options: CacheOptions | None = None) -> torch.Tensor:
+def teacher_forced(lm: LM, fork: Fork, prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
+                   layout: str | None = None, synthesizer: Trained | None = None,
+                   options: CacheOptions | None = None) -> torch.Tensor:
     """Cache-route logits [T, V] predicting each of the T tokens of `answer_ids` from the ones before it
     (teacher forcing): exactly the route `synthesize` runs, one forward, with gradients where enabled."""
     layout, options = settings(synthesizer, layout, options)
@@ -260,4 +261,5 @@ def prefill_over(lm: LM, composed: Composed, prompt_ids: Sequence[int]) -> Prepa
     state = State.over(composed.segments, composed.positions.to(lm.device)[None])
     start = composed.next_position
     logits = feed_(lm, state, [list(prompt_ids)], [list(range(start, start + len(prompt_ids)))])
-    return Prepared(state, logits, len(prompt_ids), (*composed.spans, Span("prompt", 0, start, len(prompt_ids), "recomputed")))
+    return Prepared(state, logits, len(prompt_ids),
+                    (*composed.spans, Span("prompt", 0, start, len(prompt_ids), "recomputed")))

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from parsyn import model as M
 
@@ -56,5 +63,6 @@ def tiny_config(family: str, *, rope: dict | None = None, window: int = 24):
 
 def tiny_lm(family: str, tokenizer, *, rope: dict | None = None, seed: int = 0, pack: bool = False) -> M.LM:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, rope=rope), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, rope=rope), dtype=torch.float32,
+                                             attn_implementation="sdpa")
     return M.wrap(model, tokenizer, f"tiny-{family}", pack=pack)

@@ -42,7 +42,8 @@ def test_run_both_routes_as_json():
 
 
 def test_run_given_branches_with_display():
-    done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter.", "--branch", "Jupiter is the largest planet.",
+    done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter.",
+                  "--branch", "Jupiter is the largest planet.",
                   "--route", "cache", "--layout", "sequential", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr
     assert "worker 2" in done.stdout and "cache (sequential," in done.stdout and "trained)" in done.stdout
@@ -100,7 +101,8 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
     assert [(c["branches"], c["length"]) for c in cells] == [(1, 32), (2, 32)]
     assert set(cells[0]) >= {"text_ttft_s", "cache_ttft_s", "floor_s", "speedup", "overhead"}
     done = parsyn("eval", "--tasks", "gsm8k,boolq", "--methods", "text,cache-parallel,ape", "--limit", "1",
-                  "--workers", "2", "--max-new-tokens", "4", "--model", str(tiny_folder), "--out", str(tmp_path / "eval"))
+                  "--workers", "2", "--max-new-tokens", "4", "--model", str(tiny_folder),
+                  "--out", str(tmp_path / "eval"))
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"text", "cache-parallel", "ape"} and "gsm8k" in done.stdout
@@ -120,9 +122,11 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["bench", "--random-shape", "qwen9"], "unknown shape"),
         (["report", "no/such/folder"], "summary.json"),
         (["train", "no/such.jsonl", "run"], "data file not found"),
+        (["train", "no/such.jsonl", "run", "--recipe", "nosuch"], "unknown recipe"),
     ],
 )
 def test_program_commands_refuse_bad_input_in_one_line(args, message):
     done = parsyn(*args)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert (done.returncode != 0 and len(lines) == 1 and message in lines[0]
+            and "Traceback" not in done.stderr), done.stderr

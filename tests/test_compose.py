@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_lm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,8 +12,6 @@ from parsyn.compose import compose
 from parsyn.kv import KV, cat, to_cache
 from parsyn.layout import place
 from parsyn.rope import rope_of
-
-from conftest import tiny_lm
 
 
 def segment(start: int, length: int, layers: int = 2, seed: int = 0) -> KV:
@@ -66,7 +65,8 @@ def test_running_the_model_on_an_adopted_cache_leaves_the_kv_alone(tokenizer):
     ids = torch.randint(3, 40000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cache = lm.model(input_ids=ids, use_cache=True).cache
-        kv = KV(tuple(l.keys.clone() for l in cache.layers), tuple(l.values.clone() for l in cache.layers), torch.arange(12))
+        kv = KV(tuple(layer.keys.clone() for layer in cache.layers),
+                tuple(layer.values.clone() for layer in cache.layers), torch.arange(12))
         saved = [t.clone() for t in (*kv.keys, *kv.values)]
         lm.model(input_ids=ids[:, :3], position_ids=torch.arange(12, 15)[None], cache=to_cache(kv), use_cache=True)
     assert all(torch.equal(a, b) for a, b in zip((*kv.keys, *kv.values), saved))

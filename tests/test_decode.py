@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_lm
 from transformers import DynamicCache
 
 from parsyn import adapter as A
@@ -24,8 +25,6 @@ from parsyn.sampling import SamplingParams
 from parsyn.synthesis import stream, synthesize
 from parsyn.train.data import DataConfig, _teach, specs
 from parsyn.workers import fork, from_texts
-
-from conftest import tiny_lm
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "decode.json").read_text())
 QUESTION = "Which is larger, 3 or 5?"
@@ -114,7 +113,8 @@ def test_rows_join_and_leave_between_steps(tokenizer):
     lm = tiny_lm("llama", tokenizer)
     alone = {k: decode(lm, *prefill_rows(lm, [p]), [Row(k, SamplingParams(10))])[0].tokens
              for k, p in (("a", [4, 5, 6]), ("b", [9, 10, 11, 12, 13, 14]), ("c", [20, 21]))}
-    batch = Batch(lm, *prefill_rows(lm, [[4, 5, 6], [20, 21]]), [Row("a", SamplingParams(10)), Row("c", SamplingParams(10))])
+    batch = Batch(lm, *prefill_rows(lm, [[4, 5, 6], [20, 21]]),
+                  [Row("a", SamplingParams(10)), Row("c", SamplingParams(10))])
     steps = batch.steps()
     for _ in range(3):
         next(steps)

@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_lm
 
-from parsyn.eval.bench import random_lm, sweep
-from parsyn.sampling import SamplingParams
-from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
 from parsyn.eval import tasks as T
+from parsyn.eval.bench import random_lm, sweep
+from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
 from parsyn.eval.tasks import load
+from parsyn.sampling import SamplingParams
 from parsyn.synthesis import CacheOptions, prepare, synthesize
 from parsyn.workers import from_texts
-
-from conftest import tiny_lm
 
 SMALL = dict(limit=2, workers=2, worker_tokens=6, answer_tokens=6, adapter="none")
 
@@ -40,7 +39,8 @@ def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
         assert text["prefill_tokens"] > r["methods"]["cache-parallel"]["prefill_tokens"]
     evidence = next(r for r in rows if r["task"] == "squad_split")
     assert all(b["role"].startswith("Evidence:") for b in evidence["branches"])
-    assert {(s["task"], s["method"]) for s in summary["rows"]} == {(t, m) for t in (*config.tasks, "all") for m in methods}
+    assert ({(s["task"], s["method"]) for s in summary["rows"]}
+            == {(t, m) for t in (*config.tasks, "all") for m in methods})
     pooled = {s["method"]: s for s in summary["rows"] if s["task"] == "all"}
     for method, s in pooled.items():  # pooled rows count every item once
         got = [r["methods"][method] for r in rows]
@@ -103,4 +103,5 @@ def test_ttft_sweep_reports_every_cell(tokenizer):
     for c in cells[:3]:
         assert c["text_ttft_s"] > 0 and c["cache_ttft_s"] > 0 and c["floor_s"] > 0
         # each branch holds the asked-for text plus its turn's opening and end
-        assert len(c["branch_tokens"]) == c["branches"] and all(c["length"] < n < c["length"] + 16 for n in c["branch_tokens"])
+        assert (len(c["branch_tokens"]) == c["branches"]
+                and all(c["length"] < n < c["length"] + 16 for n in c["branch_tokens"]))

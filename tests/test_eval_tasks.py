@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from parsyn import datasets as D
-from parsyn.eval import tasks as T
 from parsyn.datasets import split_passage
+from parsyn.eval import tasks as T
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "mmlu": 14042, "arc_challenge": 1172, "arc_easy": 2376, "medqa": 1273,
           "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500}
@@ -98,13 +98,15 @@ def test_every_reference_solution_scores_on_its_own_item():
 
 
 def test_math_normalization():
-    same = [("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"), ("\\frac43", "4/3"), ("\\dfrac{4}{3}", "4/3"),
+    same = [("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"), ("\\frac43", "4/3"),
+            ("\\dfrac{4}{3}", "4/3"),
             ("10,\\!080", "10080"), ("90^\\circ", "90"), ("\\text{Evelyn}", "Evelyn"), ("x = 5", "5"),
             ("\\$32,\\!348", "32348"), ("11\\sqrt2", "11\\sqrt{2}"), ("\\text{(C)}", "C"), ("0.5.", "1/2"),
             ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}"), ("\\frac{x+1}{2}", "(x+1)/2")]
     for gold, said in same:
         assert T._math_equal(said, gold), (gold, said)
-    for gold, said in [("3, 5, 7", "357"), ("5x - 7y + 11z + 4 = 0", "0"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{3}"), ("7", "")]:
+    for gold, said in [("3, 5, 7", "357"), ("5x - 7y + 11z + 4 = 0", "0"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{3}"),
+                       ("7", "")]:
         assert not T._math_equal(said, gold), (gold, said)
     item = next(i for i in T.load("math500") if i.gold == ("\\left( 3, \\frac{\\pi}{2} \\right)",))
     assert T.score(item, "So $r=3$ and $\\theta=\\pi/2$: the final answer is $\\boxed{(3, \\frac{\\pi}{2})}$.")
@@ -164,7 +166,8 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
 
 def test_humaneval_runaway_solution_times_out_as_a_failure():
     item = T.load("humaneval")[0]
-    assert not T.score(item, "```python\ndef has_close_elements(numbers, threshold):\n    while True:\n        pass\n```",
+    assert not T.score(item, "```python\ndef has_close_elements(numbers, threshold):\n"
+                             "    while True:\n        pass\n```",
                        timeout_s=1.5)
 
 

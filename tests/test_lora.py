@@ -7,12 +7,11 @@ import threading
 
 import pytest
 import torch
+from conftest import tiny_lm
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from parsyn.lora import LoRA, LoRALinear, detach
-
-from conftest import tiny_lm
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -42,7 +42,8 @@ def bench() -> dict:
             text, floor = 0.004 * b * n, 0.2 + 0.00001 * b * n
             cache = floor * 0.97
             cells.append({"branches": b, "length": n, "branch_tokens": [n + 6] * b, "prefix_tokens": 34,
-                          "prompt_tokens": 40, "layout": "parallel", "text_ttft_s": text, "cache_ttft_s": cache, "floor_s": floor,
+                          "prompt_tokens": 40, "layout": "parallel", "text_ttft_s": text, "cache_ttft_s": cache,
+                          "floor_s": floor,
                           "speedup": text / cache, "overhead": (cache - floor) / floor})
     cells[-1]["speedup"] = 21.6  # a known value to find in the table
     return {"command": BENCH_COMMAND, "environment": ENV, "cells": cells}
@@ -90,7 +91,8 @@ def test_report_with_bench_is_self_contained_and_escaped(tmp_path):
 
 def test_two_bench_files_give_two_sets_of_bench_plots_and_tables(tmp_path):
     write(tmp_path / "summary.json", summary())
-    gpu = dict(bench(), environment=dict(ENV, model="random qwen3-14b", device="cuda:0"), command="parsyn bench --device cuda")
+    gpu = dict(bench(), environment=dict(ENV, model="random qwen3-14b", device="cuda:0"),
+               command="parsyn bench --device cuda")
     gpu["cells"] = [dict(c, speedup=c["speedup"] / 2) for c in gpu["cells"]]
     gpu["cells"][-1]["speedup"] = 10.4
     write(tmp_path / "cpu.json", bench())

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from parsyn import model as M
 from parsyn.rope import rope_of, rotate
-
-from conftest import FAMILIES, tiny_lm
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},

@@ -59,7 +59,8 @@ def test_memory_under_the_limit_is_fine():
 def test_sockets_are_refused():
     code = ("import socket\n"
             "for make in (lambda: socket.socket(), lambda: socket.create_connection(('127.0.0.1', 9))):\n"
-            "    try:\n        make()\n    except OSError as exc:\n        print(exc)\n    else:\n        raise SystemExit('connected')")
+            "    try:\n        make()\n    except OSError as exc:\n        print(exc)\n"
+            "    else:\n        raise SystemExit('connected')")
     result = run(code, limits=FAST)
     assert result.status == "passed", result
     assert result.output.count("network disabled in sandbox") == 2
@@ -68,12 +69,14 @@ def test_sockets_are_refused():
 def test_network_namespace_has_only_loopback_when_available():
     if not network_prefix():
         pytest.skip("unshare --net does not work on this machine; only the Python guard applies")
-    result = run("print(sorted(line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]))", limits=FAST)
+    result = run("print(sorted(line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]))",
+                 limits=FAST)
     assert result.status == "passed" and result.output.strip() == "['lo']", result
 
 
 def test_fresh_folder_is_removed_and_environment_is_minimal():
-    result = run("import os\nopen('litter.txt', 'w').write('x')\nprint(os.getcwd())\nprint(sorted(os.environ))", limits=FAST)
+    result = run("import os\nopen('litter.txt', 'w').write('x')\nprint(os.getcwd())\nprint(sorted(os.environ))",
+                 limits=FAST)
     folder, names = result.output.splitlines()
     assert result.status == "passed"
     assert Path(folder).name.startswith("parsyn-sandbox-") and not Path(folder).exists()

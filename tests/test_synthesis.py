@@ -6,15 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_lm
 
 from parsyn import adapter as A
 from parsyn.batch import answers
 from parsyn.mapper import MapperConfig
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import prepare, synthesize
-from parsyn.workers import Fork, fork, from_texts
-
-from conftest import FAMILIES, tiny_lm
+from parsyn.workers import fork, from_texts
 
 QUESTION = "Which is larger, 3 or 5?"
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)

@@ -9,21 +9,20 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 import torch
+from conftest import tiny_lm
+from safetensors.torch import load_file
 
 from parsyn import adapter as A
 from parsyn.compose import compose
-from parsyn.sampling import SamplingParams
 from parsyn.mapper import MapperConfig, build_mapper
 from parsyn.rope import rope_of, rotate
+from parsyn.sampling import SamplingParams
 from parsyn.synthesis import prepare, synthesize
 from parsyn.train.data import DataConfig, generate, read_items, specs
 from parsyn.train.loop import TrainConfig, student_logits, train
 from parsyn.train.loss import LossConfig, distill_loss
 from parsyn.workers import fork, from_texts
-
-from conftest import tiny_lm
 
 QUESTION = "Which city does Vera live in?"
 TEXTS = ["Vera lives in Oslo. Tom has a pet cat.", "Ann lives in Lima."]
@@ -91,8 +90,10 @@ def test_losses():
     mask = torch.tensor([0, 1, 0])
     same, stats = distill_loss(logits, answer, teacher.indices, teacher.values, mask, True, LossConfig())
     assert same.item() == pytest.approx(0.0, abs=1e-6) and stats["ce"] > 0
-    worse, _ = distill_loss(torch.randn(3, 50, generator=g), answer, teacher.indices, teacher.values, mask, True, LossConfig())
-    ce_only, _ = distill_loss(logits, answer, teacher.indices, teacher.values, mask, None, LossConfig(kl=0, ce=1, value_weight=1))
+    worse, _ = distill_loss(torch.randn(3, 50, generator=g), answer, teacher.indices, teacher.values, mask, True,
+                            LossConfig())
+    ce_only, _ = distill_loss(logits, answer, teacher.indices, teacher.values, mask, None,
+                              LossConfig(kl=0, ce=1, value_weight=1))
     assert worse > 0.01 and ce_only.item() == pytest.approx(stats["ce"], rel=1e-5)
     with pytest.raises(ValueError, match="kl"):
         LossConfig(kl=0, ce=0)
@@ -150,7 +151,7 @@ def test_training_checkpoints_and_a_stopped_run_resumes_exactly(tmp_path, tiny_d
     assert torch.load(run / "trainer.pt", weights_only=False)["step"] == 2
     lm = tiny_lm("llama", tokenizer)  # a fresh process: everything comes from the run folder
     resumed = train(lm, tiny_data, run, config, show_progress=False)
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     a = A.load(tiny_lm("llama", tokenizer), tmp_path / "whole" / "checkpoint")
     b = A.load(tiny_lm("llama", tokenizer), resumed.path)
@@ -215,7 +216,8 @@ def test_student_logits_match_the_cache_route(lm):
     greedy = synthesize(lm, f, layout="sequential", sampling=SamplingParams(5))
     from parsyn.synthesis import prompt_tokens
 
-    item = {"question": QUESTION, "prefix_ids": list(f.prefix_ids), "branch_ids": [list(b.token_ids) for b in f.branches],
+    item = {"question": QUESTION, "prefix_ids": list(f.prefix_ids),
+            "branch_ids": [list(b.token_ids) for b in f.branches],
             "prompt_ids": prompt_tokens(lm, f), "answer_ids": list(greedy.token_ids)}
     with torch.no_grad():
         logits = student_logits(lm, None, item, "sequential")
@@ -229,13 +231,14 @@ def test_two_process_data_parallel_training(tmp_path, tiny_data, tokenizer):
     tokenizer.save_pretrained(folder)
     run = tmp_path / "ddp"
     # accelerate launches through torch.distributed.run; without GPUs the Accelerator runs DDP over gloo on CPU
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "parsyn.cli", "train", str(tiny_data), str(run),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "parsyn.cli", "train", str(tiny_data), str(run),
                "--model", str(folder), "--steps", "3", "--checkpoint-every", "3", "--rank", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 3 and logged[-1]["world_size"] == 2
     assert (run / "checkpoint" / A.WEIGHTS).is_file()
 
@@ -280,13 +283,15 @@ def test_fidelity_rows_for_raw_and_trained_parts(tiny_data, tokenizer):
     items = read_items(tiny_data)[:3]
     trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="tagged")))
     variants = ablations(trained, ["parallel"])
-    assert [v.name for v in variants] == ["raw parallel", "trained parallel", "mapper only parallel", "LoRA only parallel"]
+    assert [v.name for v in variants] == ["raw parallel", "trained parallel", "mapper only parallel",
+                                          "LoRA only parallel"]
     rows = evaluate(lm, variants, items, probe_size=3, answer_tokens=4, probe_tokens=4)
     assert [r["variant"] for r in rows] == ["text"] + [v.name for v in variants]
     for r in rows[1:]:
         assert 0 <= r["agreement"] <= 1 and 0 <= r["token_agreement"] <= 1 and r["kl"] >= 0 and r["kl_value"] >= 0
     # an untouched adapter (LoRA B = 0, identity mapper) is the raw route exactly
-    assert rows[1]["kl"] == pytest.approx(rows[2]["kl"], abs=1e-6) and rows[1]["token_agreement"] == rows[2]["token_agreement"]
+    assert (rows[1]["kl"] == pytest.approx(rows[2]["kl"], abs=1e-6)
+            and rows[1]["token_agreement"] == rows[2]["token_agreement"])
     assert table(rows).count("\n") == len(rows) + 1
 
 
@@ -298,7 +303,8 @@ def test_the_packaged_recipe_is_a_named_recipe_and_flags_override_it():
     assert json.loads(json.dumps(config.to_dict())) == packaged  # the file is what trained the packaged checkpoint
     assert config.adapter.mapper.kind == "tagged" and config.steps == 2000
     tweaked = recipes.override(config, steps=10, mapper="affine", rank=4, kl=0.5, layouts="parallel", seed=None)
-    assert (tweaked.steps, tweaked.adapter.mapper.kind, tweaked.adapter.rank, tweaked.adapter.alpha) == (10, "affine", 4, 8)
+    assert ((tweaked.steps, tweaked.adapter.mapper.kind, tweaked.adapter.rank, tweaked.adapter.alpha)
+            == (10, "affine", 4, 8))
     assert (tweaked.loss.kl, tweaked.layouts, tweaked.lr, tweaked.seed) == (0.5, ("parallel",), config.lr, config.seed)
     with pytest.raises(ValueError, match="unknown recipe 'nosuch'"):
         recipes.load("nosuch")

@@ -6,14 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_lm
 from transformers import DynamicCache
 
 from parsyn.kv import KV
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import synthesize
 from parsyn.workers import fork, fork_many, from_texts
-
-from conftest import tiny_lm
 
 QUESTION = "Name one planet of the solar system."
 ROLES = ("Answer in one word.", "Answer with a full sentence.", "Answer and add a fun fact.")
@@ -47,7 +46,8 @@ def test_batched_branches_hold_the_kv_of_every_token(tokenizer, family):
 
 @pytest.mark.slow
 def test_default_model_branches_end_closed_and_match_fresh_prefill(default_lm):
-    f = fork(default_lm, QUESTION, workers=3, roles=ROLES, sampling=SamplingParams(max_new_tokens=24, temperature=0.8, seed=1))
+    f = fork(default_lm, QUESTION, workers=3, roles=ROLES,
+             sampling=SamplingParams(max_new_tokens=24, temperature=0.8, seed=1))
     for b in f.branches:
         assert b.token_ids[-1] in default_lm.stop_ids  # the final token is part of the branch, with its K/V
         assert b.text and b.generated <= 24
@@ -64,7 +64,8 @@ def test_batched_workers_answer_like_workers_run_one_by_one(default_lm):
 
 def test_sampling_is_seeded(tokenizer):
     lm = tiny_lm("qwen3", tokenizer)
-    run = lambda seed: [b.token_ids for b in fork(lm, QUESTION, workers=2, sampling=SamplingParams(8, 1.0, 0.9, seed)).branches]
+    run = lambda seed: [b.token_ids
+                        for b in fork(lm, QUESTION, workers=2, sampling=SamplingParams(8, 1.0, 0.9, seed)).branches]
     assert run(5) == run(5) and run(5) != run(6)
 
 
@@ -120,7 +121,8 @@ def test_kv_bytes_round_trip_and_are_refused_by_another_model(tokenizer):
     assert KV.from_bytes(half.to_bytes("m"), model="m").keys[0].dtype == torch.bfloat16
     # a fork rebuilt from shipped bytes synthesizes exactly as the original
     shipped = dataclasses.replace(f, branches=tuple(
-        dataclasses.replace(b, kv=KV.from_bytes(b.kv.to_bytes(lm.fingerprint), model=lm.fingerprint)) for b in f.branches))
+        dataclasses.replace(b, kv=KV.from_bytes(b.kv.to_bytes(lm.fingerprint), model=lm.fingerprint))
+        for b in f.branches))
     greedy = SamplingParams(max_new_tokens=8)
     assert synthesize(lm, shipped, sampling=greedy).token_ids == synthesize(lm, f, sampling=greedy).token_ids
     assert tiny_lm("llama", tokenizer).fingerprint == lm.fingerprint  # the same weights, loaded again

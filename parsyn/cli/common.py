@@ -56,7 +56,8 @@ class steps:
         self.what, self.total = what, total
 
     def __enter__(self):
-        self.progress = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        self.progress = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err)
         task = self.progress.add_task(self.what, total=self.total)
         self.progress.start()
         return lambda done, total: self.progress.update(task, completed=done, total=total)

@@ -21,16 +21,20 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed repeats per cell (after one warm-up); medians are reported.")] = 3,
     layout: Annotated[str, typer.Option(help="Layout of the cache route.")] = "parallel",
     as_json: Annotated[bool, typer.Option("--json", help="Print the list of cells as JSON.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the full result (command, environment, cells) here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Also write the full result (command, environment, cells) here.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
-    random_shape: Annotated[Optional[str], typer.Option(help="Time a randomly initialised model of this shape instead (e.g. qwen3-14b).")] = None,
+    random_shape: Annotated[Optional[str], typer.Option(
+        help="Time a randomly initialised model of this shape instead (e.g. qwen3-14b).")] = None,
     device: Annotated[str, typer.Option(help="Device for --random-shape (cpu or cuda).")] = "cpu",
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --random-shape (default: the embedded model's).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Tokenizer folder for --random-shape (default: the embedded model's).")] = None,
 ) -> None:
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
     from transformers import AutoTokenizer
 
     from ..eval.bench import environment, parse_ints, random_lm, sweep
+    from ..files import write_json
 
     counts, sizes = parse_ints(branches, "branches"), parse_ints(lengths, "lengths")
     if repeats < 1:
@@ -38,7 +42,8 @@ def bench(
     if random_shape:
         if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file():
             raise ValueError(f"--tokenizer: no tokenizer_config.json in '{tokenizer}'")
-        source = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_model(model).tokenizer if model else None
+        source = (AutoTokenizer.from_pretrained(tokenizer) if tokenizer
+                  else load_model(model).tokenizer if model else None)
         lm = random_lm(random_shape, source, device)
     else:
         lm = load_model(model)
@@ -46,8 +51,7 @@ def bench(
         cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick)
     result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells}
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
     if as_json:
         print(json.dumps(cells, indent=2))
         return
@@ -68,7 +72,8 @@ def bench(
 def evaluate(
     tasks: Annotated[str, typer.Option(help="Tasks, comma-separated (see parsyn/eval/tasks.py).")],
     out: Annotated[Path, typer.Option(help="Results folder (resumes if it holds this evaluation).")],
-    methods: Annotated[str, typer.Option(help="Methods, comma-separated.")] = "single,text,cache-parallel,cache-sequential,cache-trained,cacheblend,ape",
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated.")] = (
+        "single,text,cache-parallel,cache-sequential,cache-trained,cacheblend,ape"),
     limit: Annotated[int, typer.Option(help="Items per task (a deterministic subset by seed).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and of the workers' sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Workers per item.")] = 3,
@@ -77,7 +82,8 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches."""
-    from ..eval.run import EvalConfig, run as run_eval
+    from ..eval.run import EvalConfig
+    from ..eval.run import run as run_eval
 
     config = EvalConfig(tasks=names(tasks), methods=names(methods), limit=limit, seed=seed, workers=workers,
                         worker_tokens=max_new_tokens, answer_tokens=max_new_tokens, adapter=adapter)
@@ -91,14 +97,16 @@ def evaluate(
     for r in summary["rows"]:
         agree, same = ("—" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("agreement", "identical"))
         table.add_row(r["task"], r["method"], str(r["n"]), f"{100 * r['accuracy']:.0f}%", agree, same,
-                      f"{r['ttft_median_s'] * 1000:.0f} ms", f"{r['ttft_p90_s'] * 1000:.0f} ms", f"{r['prefill_tokens_mean']:.0f}")
+                      f"{r['ttft_median_s'] * 1000:.0f} ms", f"{r['ttft_p90_s'] * 1000:.0f} ms",
+                      f"{r['prefill_tokens_mean']:.0f}")
     Console().print(table)
 
 
 @app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="Folder of `parsyn eval` (holds summary.json).")],
-    bench_files: Annotated[Optional[list[Path]], typer.Option("--bench", help="JSON written by `parsyn bench --out` (repeatable).")] = None,
+    bench_files: Annotated[Optional[list[Path]], typer.Option(
+        "--bench", help="JSON written by `parsyn bench --out` (repeatable).")] = None,
 ) -> None:
     """Write results/report.html (self-contained) and its PNG plots."""
     from ..eval.report import write_report

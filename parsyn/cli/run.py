@@ -20,16 +20,22 @@ def run(
     question: Annotated[str, typer.Argument(help="The question every worker answers.")],
     workers: Annotated[int, typer.Option("--workers", "-n", help="Number of parallel workers.")] = 3,
     role: Annotated[Optional[list[str]], typer.Option("--role", help="A role instruction per worker (repeat).")] = None,
-    branch: Annotated[Optional[list[str]], typer.Option("--branch", help="A ready branch text instead of running workers (repeat).")] = None,
+    branch: Annotated[Optional[list[str]], typer.Option(
+        "--branch", help="A ready branch text instead of running workers (repeat).")] = None,
     route: Annotated[Route, typer.Option(help="Synthesis route.")] = Route.both,
-    layout: Annotated[Optional[Layout], typer.Option(help="Position layout of the cache route (default: the adapter's, else parallel).")] = None,
+    layout: Annotated[Optional[Layout], typer.Option(
+        help="Position layout of the cache route (default: the adapter's, else parallel).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit for each worker and for the synthesizer.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Workers' sampling temperature (the synthesizer is greedy).")] = 0.7,
+    temperature: Annotated[float, typer.Option(
+        help="Workers' sampling temperature (the synthesizer is greedy).")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Workers' nucleus sampling mass.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     system: Annotated[Optional[str], typer.Option(help="System prompt of the shared prefix.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Hugging Face model folder or .gguf file (default: embedded SmolLM2).")] = None,
-    adapter: Annotated[str, typer.Option(help="Trained synthesizer for the cache route: auto (the packaged one when it fits the model), none, or a checkpoint folder.")] = "auto",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Hugging Face model folder or .gguf file (default: embedded SmolLM2).")] = None,
+    adapter: Annotated[str, typer.Option(
+        help="Trained synthesizer for the cache route: auto (the packaged one when it fits the model), "
+             "none, or a checkpoint folder.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the display.")] = False,
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
@@ -49,13 +55,15 @@ def run(
         f = from_texts(lm, question, branch, roles=roles, system=system)
     else:
         with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
-            f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling, on_token=on_token)
+            f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling,
+                     on_token=on_token)
     from ..adapter import resolve
 
     trained = resolve(lm, adapter)
     routes = ["text", "cache"] if route == Route.both else [route.value]
     chosen = layout.value if layout else None
-    results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained) for r in routes}
+    results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained)
+               for r in routes}
     if as_json:
         report = _as_dict(f, results, lm.name)
         report["adapter"] = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"

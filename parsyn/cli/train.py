@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,19 +32,27 @@ def data(
 def train(
     data_file: Annotated[Path, typer.Argument(metavar="DATA", help="items.jsonl from `parsyn data`.")],
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (resumes if it holds a run).")],
-    recipe: Annotated[Optional[str], typer.Option(help="A named recipe (parsyn/configs, e.g. smollm2-135m-instruct) or a JSON file; flags below override it.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        help="A named recipe (parsyn/configs, e.g. smollm2-135m-instruct) or a JSON file; "
+             "flags below override it.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps [1500].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate [3e-4].")] = None,
     mapper_lr: Annotated[Optional[float], typer.Option(help="Mapper learning rate [3e-3].")] = None,
     mapper: Annotated[Optional[str], typer.Option(help="Mapper kind: affine, tagged or none [affine].")] = None,
-    lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train a LoRA on the synthesizer [yes].")] = None,
+    lora: Annotated[Optional[bool], typer.Option(
+        "--lora/--no-lora", help="Train a LoRA on the synthesizer [yes].")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank [16].")] = None,
     kl: Annotated[Optional[float], typer.Option(help="Weight of KL(teacher || student) [1].")] = None,
-    ce: Annotated[Optional[float], typer.Option(help="Weight of cross-entropy on the teacher's tokens [0].")] = None,
-    value_weight: Annotated[Optional[float], typer.Option(help="Weight of answer positions copied from a branch [5].")] = None,
-    layouts: Annotated[Optional[str], typer.Option(help="Layouts drawn per step, comma-separated [parallel,sequential].")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="Layout the checkpoint uses by default at synthesis [parallel].")] = None,
-    recompute: Annotated[Optional[int], typer.Option(help="Structural aid: first tokens of each branch recomputed [0].")] = None,
+    ce: Annotated[Optional[float], typer.Option(
+        help="Weight of cross-entropy on the teacher's tokens [0].")] = None,
+    value_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of answer positions copied from a branch [5].")] = None,
+    layouts: Annotated[Optional[str], typer.Option(
+        help="Layouts drawn per step, comma-separated [parallel,sequential].")] = None,
+    layout: Annotated[Optional[str], typer.Option(
+        help="Layout the checkpoint uses by default at synthesis [parallel].")] = None,
+    recompute: Annotated[Optional[int], typer.Option(
+        help="Structural aid: first tokens of each branch recomputed [0].")] = None,
     accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1].")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [100].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed [0].")] = None,
@@ -55,7 +62,8 @@ def train(
     """Train a synthesizer (LoRA + mapper) by distillation from the text route; resumable. Defaults in
     brackets hold without --recipe."""
     from ..train import recipes
-    from ..train.loop import TrainConfig, train as run_training
+    from ..train.loop import TrainConfig
+    from ..train.loop import train as run_training
 
     base = recipes.load(recipe) if recipe else TrainConfig()
     config = recipes.override(base, steps=steps, lr=lr, mapper_lr=mapper_lr, mapper=mapper, lora=lora, rank=rank, kl=kl,
@@ -90,14 +98,15 @@ def fidelity(
     items = split(read_items(data_file), holdout_percent)[1][:held_out]
     if not items:
         raise ValueError(f"no held-out items in {data_file}")
-    variants = ablations(trained, [l.strip() for l in layouts.split(",") if l.strip()])
+    variants = ablations(trained, [name.strip() for name in layouts.split(",") if name.strip()])
     with err.status("scoring") as status:
         rows = evaluate(lm, variants, items, probe_size=probe, progress=lambda name: status.update(f"scoring: {name}"))
     out_text = table(rows)
     print(out_text)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": checkpoint if trained else None, "held_out": len(items),
-                                   "probe": probe, "rows": rows}, indent=2) + "\n")
+        from ..files import write_json
+
+        write_json(out, {"checkpoint": checkpoint if trained else None, "held_out": len(items), "probe": probe,
+                         "rows": rows})
 
 

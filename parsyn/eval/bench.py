@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..compose import compose
-from ..sampling import SamplingParams
 from ..model import LM, default_tokenizer, wrap
 from ..rope import rope_of
+from ..sampling import SamplingParams
 from ..synthesis import prefill_over, prompt_tokens, synthesize
 from ..workers import Fork, fork, from_texts
 
@@ -86,7 +86,8 @@ def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: i
         for length in lengths:
             need = n * length + 128  # prefix, openings and the synthesizer's prompt
             if need > lm.max_positions:
-                cells.append({"branches": n, "length": length, "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
+                cells.append({"branches": n, "length": length,
+                              "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
             else:
                 cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout))
             if progress:

@@ -22,8 +22,8 @@ from ..batch import answers
 from ..model import LM
 from ..probe import probe_items
 from ..sampling import SamplingParams
-from ..synthesis import CacheOptions, teacher_forced
 from ..scoring import contains_answer, kl_per_position
+from ..synthesis import CacheOptions, teacher_forced
 from ..workers import from_ids, from_texts
 
 
@@ -37,7 +37,7 @@ class Variant:
 
 def ablations(synthesizer: Synthesizer | None, layouts: Sequence[str] = ("parallel", "sequential")) -> list[Variant]:
     """Raw routes, then the trained synthesizer whole and with parts switched off (mapper only, LoRA only)."""
-    out = [Variant(f"raw {l}", l) for l in layouts]
+    out = [Variant(f"raw {layout}", layout) for layout in layouts]
     if synthesizer is None:
         return out
     config = synthesizer.config
@@ -72,7 +72,8 @@ def evaluate(
     probe_sampling = SamplingParams(probe_tokens, 0.0)
     say("text route on the probe")
     text_probe = [t for _, t in answers(lm, probe_forks, route="text", sampling=probe_sampling)]
-    rows = [{"variant": "text", "layout": None, "probe_hits": _share(contains_answer(t, [p.answer]) for t, p in zip(text_probe, probe)),
+    rows = [{"variant": "text", "layout": None,
+             "probe_hits": _share(contains_answer(t, [p.answer]) for t, p in zip(text_probe, probe)),
              "probe_agreement": 1.0, "agreement": 1.0, "token_agreement": 1.0, "kl": 0.0, "kl_value": 0.0}]
     for v in variants:
         say(v.name)
@@ -117,7 +118,8 @@ def _share(flags) -> float:
 
 def table(rows: Sequence[dict]) -> str:
     """A markdown table of the rows."""
-    lines = ["| route | greedy agreement | token agreement | KL / answer token | KL at value tokens | probe hits | probe agreement |",
+    lines = ["| route | greedy agreement | token agreement | KL / answer token | KL at value tokens | probe hits "
+             "| probe agreement |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {100 * r['agreement']:.0f}% | {100 * r['token_agreement']:.0f}% | "

@@ -17,6 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 from matplotlib.lines import Line2D
 
+from ..files import atomic_write
+
 DPI = 110
 MARKERS = "osD^v<>ph*"
 # (key in a bench cell, legend name, line style, colour): one line per route; the floor is dashed.
@@ -273,7 +275,8 @@ def _html(summary: dict, benches: list[dict], pngs: list[Path]) -> str:
         cells = [{**c, "speedup": _speedup(c), "total_tokens": _total_tokens(c)} for c in one["cells"]]
         layout = (("layout", "layout", None),) if any("layout" in c for c in cells) else ()
         model = f" — {_model(one)}" if _model(one) else ""
-        parts.append(f"<h2>Time to first token by route{html.escape(model)}</h2>" + _table(layout + BENCH_COLUMNS, cells))
+        parts.append(f"<h2>Time to first token by route{html.escape(model)}</h2>"
+                     + _table(layout + BENCH_COLUMNS, cells))
     parts.append("<h2>Plots</h2>" + _figures(pngs))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -293,5 +296,5 @@ def write_report(results_dir: Path, *, bench: Path | Sequence[Path] | None = Non
     benches = [load_results(Path(p), "cells", ("branches", "length")) for p in paths]
     out = Path(out) if out is not None else results_dir / "report.html"
     pngs = plots(summary, benches, out.parent)
-    out.write_text(_html(summary, benches, pngs), encoding="utf-8")
+    atomic_write(out, lambda p: p.write_text(_html(summary, benches, pngs), encoding="utf-8"))
     return out

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapter import Synthesizer, resolve
-from ..sampling import SamplingParams
-from ..model import LM
-from ..synthesis import CacheOptions, synthesize
 from ..files import Records, read_records, write_json
+from ..model import LM
+from ..sampling import SamplingParams
+from ..synthesis import CacheOptions, synthesize
 from ..workers import fork
 from . import tasks as T
 from .bench import environment
@@ -60,19 +60,22 @@ class EvalConfig:
         known = set(T.TASKS)
         bad = [t for t in self.tasks if t not in known]
         if bad or not self.tasks:
-            raise ValueError(f"unknown task(s) {', '.join(bad) or '(none given)'} (choose from {', '.join(sorted(known))})")
+            raise ValueError(f"unknown task(s) {', '.join(bad) or '(none given)'} "
+                             f"(choose from {', '.join(sorted(known))})")
         if self.workers < 1 or self.worker_tokens < 1 or self.answer_tokens < 1:
             raise ValueError(f"EvalConfig needs positive workers and token limits, got {self}")
 
 
-def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "", progress: Callable[[int, int, str], None] | None = None) -> dict:
+def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
+        progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out / "config.json", config)
     trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None
     methods = [m for m in config.methods if m != "cache-trained" or trained is not None]
-    items = [item for task in config.tasks for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
+    items = [item for task in config.tasks
+             for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
     path = out / "predictions.jsonl"
     done = {r["id"] for r in read_predictions(path)}
     with Records(path) as records:
@@ -86,7 +89,8 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "", progress: C
     return summary
 
 
-def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None) -> dict:
+def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[str],
+                  trained: Synthesizer | None) -> dict:
     roles = ([f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
              if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
     sampling = SamplingParams(config.worker_tokens, config.temperature, 0.95, config.seed)
@@ -115,7 +119,8 @@ def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trai
     if method == "single":
         t0 = time.perf_counter()
         first = []
-        alone = fork(lm, item.question, workers=1, sampling=sampling, on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
+        alone = fork(lm, item.question, workers=1, sampling=sampling,
+                     on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
         end = time.perf_counter()
         b = alone.branches[0]
         return {"answer": b.text, "ttft_s": first[0] - t0, "latency_s": end - t0,
@@ -159,7 +164,8 @@ def _check_config(path: Path, config: EvalConfig) -> None:
     mine = json.loads(json.dumps(asdict(config)))
     if path.exists():
         if json.loads(path.read_text()) != mine:
-            raise ValueError(f"{path.parent} holds an evaluation with other settings; use the same ones to resume or a new folder")
+            raise ValueError(f"{path.parent} holds an evaluation with other settings; "
+                             "use the same ones to resume or a new folder")
     else:
         write_json(path, mine)
 

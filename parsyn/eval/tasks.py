@@ -90,11 +90,13 @@ def _math500(parts: int) -> list[Item]:
     # The docs' `answer` field went through a lossy normalizer ("\left(" became "\le(", "3, 5, 7" became
     # "357"), so gold is the boxed answer of the reference solution.
     return [Item(f"math500-{d['index']}", "math500", _ask(d["problem"], "math"),
-                 (last_boxed(d["solution"]) or d["answer"],)) for d in D.olmo_requests("minerva_math_500", "gold_bpb_0shot")]
+                 (last_boxed(d["solution"]) or d["answer"],))
+            for d in D.olmo_requests("minerva_math_500", "gold_bpb_0shot")]
 
 
 def _mmlu(parts: int) -> list[Item]:
-    return [_choice_item("mmlu", r["id"], r["question"], r["choices"], LETTERS.index(r["answer"])) for r in D.mmlu("test")]
+    return [_choice_item("mmlu", r["id"], r["question"], r["choices"], LETTERS.index(r["answer"]))
+            for r in D.mmlu("test")]
 
 
 def _arc(name: str) -> Callable[[int], list[Item]]:
@@ -287,7 +289,8 @@ def extract_choice(text: str, choices: Sequence[str] = ()) -> str:
 def _choice_by_text(text: str, choices: Sequence[str]) -> str:
     said = f" {normalize_span(text)} "
     found = [i for i, c in enumerate(choices) if normalize_span(c) and f" {normalize_span(c)} " in said]
-    kept = [i for i in found if not any(j != i and normalize_span(choices[i]) in normalize_span(choices[j]) for j in found)]
+    kept = [i for i in found
+            if not any(j != i and normalize_span(choices[i]) in normalize_span(choices[j]) for j in found)]
     return LETTERS[kept[0]] if len(kept) == 1 else ""
 
 
@@ -308,9 +311,9 @@ _LATEX_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displa
 
 def normalize_math(text: str) -> str:
     """A MATH answer in a canonical spelling: no `$`, spacing commands, `\\left`/`\\right`, degree or percent
-    signs, units written `\\text{ unit}`, `\\text{}` wrappers, whitespace, trailing period, leading "x=" or thousands commas; `\\dfrac`/`\\tfrac`
-    read as `\\frac`, `\\frac12` as `\\frac{1}{2}`, `\\sqrt2` as `\\sqrt{2}`; `\\frac{a}{b}` written `a/b` (with
-    parentheses around compound parts); "(C)" written "C"."""
+    signs, units written `\\text{ unit}`, `\\text{}` wrappers, whitespace, trailing period, leading "x=" or thousands
+    commas; `\\dfrac`/`\\tfrac` read as `\\frac`, `\\frac12` as `\\frac{1}{2}`, `\\sqrt2` as `\\sqrt{2}`; `\\frac{a}{b}`
+    written `a/b` (with parentheses around compound parts); "(C)" written "C"."""
     s = re.sub(r"\\(?:text|mbox)\{\s[^{}]*\}(?:\^\d)?", "", text)  # a unit: "\text{ degrees}", "\mbox{ inches}^2"
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     for token in _LATEX_DROP:

@@ -20,12 +20,12 @@ from pathlib import Path
 from .. import datasets as D
 from ..chat import DEFAULT_INSTRUCTION, ChatFormat
 from ..decode import Batch, Row
-from ..forward import prefill_rows
 from ..files import Records, read_records, write_json
+from ..forward import prefill_rows
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
-from ..scoring import contains_answer
 from ..sampling import SamplingParams
+from ..scoring import contains_answer
 from ..synthesis import text_row
 from ..workers import Fork, answer_text, encode_texts, fork_many
 
@@ -108,7 +108,7 @@ def _evidence(n: int, rng: random.Random) -> list[Spec]:
 
 def _mc(r: dict) -> str:
     labels = r.get("labels") or list("ABCDE")
-    return r["question"] + "\n" + "\n".join(f"{l}. {c}" for l, c in zip(labels, r["choices"]))
+    return r["question"] + "\n" + "\n".join(f"{label}. {c}" for label, c in zip(labels, r["choices"]))
 
 
 def _mc_pool() -> list[dict]:
@@ -144,7 +144,8 @@ def _workers(n: int, rng: random.Random) -> list[Spec]:
     out = []
     for r in rng.sample(pool, min(n, len(pool))):
         k = rng.randint(2, 3)
-        out.append(Spec(f"workers-{r['id']}", "workers", _mc(r), roles=tuple(rng.sample(ROLES, k)), gold=(r["answer"],)))
+        out.append(Spec(f"workers-{r['id']}", "workers", _mc(r), roles=tuple(rng.sample(ROLES, k)),
+                        gold=(r["answer"],)))
     return out
 
 

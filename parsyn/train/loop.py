@@ -28,10 +28,10 @@ from transformers import get_cosine_schedule_with_warmup
 from ..adapter import AdapterConfig, Synthesizer, attach, save
 from ..adapter import load as load_checkpoint
 from ..files import Records, atomic_write, write_json
+from ..kv import KV
 from ..layout import LAYOUTS
 from ..mapper import MapperConfig
 from ..model import LM
-from ..kv import KV
 from ..synthesis import CacheOptions, teacher_forced
 from ..workers import Fork, from_ids
 from .data import read_items
@@ -57,7 +57,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.accumulate < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError(f"TrainConfig needs positive steps/accumulate/intervals, got {self}")
-        if not self.layouts or any(l not in LAYOUTS for l in self.layouts):
+        if not self.layouts or any(layout not in LAYOUTS for layout in self.layouts):
             raise ValueError(f"TrainConfig.layouts must be drawn from {', '.join(LAYOUTS)}, got {self.layouts}")
         if not 0 <= self.holdout_percent < 100 or not 0 <= self.warmup < 1 or self.lr <= 0:
             raise ValueError(f"TrainConfig: bad holdout_percent, warmup or lr in {self}")
@@ -261,8 +261,8 @@ def _bar(total: int, start: int, show: bool):
         return lambda *a: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeRemainingColumn(), transient=False)
+    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False)
     task = progress.add_task("train", total=total, completed=start, loss="-")
     progress.start()
 

@@ -24,7 +24,8 @@ def load(name: str) -> TrainConfig:
     if not path.is_file():
         path = Path(name)
     if not path.is_file():
-        raise ValueError(f"unknown recipe '{name}' (named recipes: {', '.join(names()) or 'none'}; or give a JSON file)")
+        raise ValueError(f"unknown recipe '{name}' "
+                         f"(named recipes: {', '.join(names()) or 'none'}; or give a JSON file)")
     try:
         return TrainConfig.from_dict(json.loads(path.read_text())["train"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
