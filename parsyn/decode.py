@@ -109,11 +109,10 @@ class Batch:
         return [r.row.key for r in self.live]
 
     def steps(self) -> Iterator[list[Token]]:
-        """Decode until every row has finished (or left); yields each step's events before its forward."""
+        """Decode until every row has finished (or left); yields each step's events before its forward.
+        While every row is paused the steps are empty: the consumer extends or removes rows meanwhile."""
         while self.live:
-            events = self.sample_()
-            if events:
-                yield events
+            yield self.sample_()
             self.advance_()
 
     def sample_(self) -> list[Token]:

@@ -34,6 +34,9 @@ class SamplingParams:
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 
 
+NUCLEUS_CANDIDATES = 512
+
+
 def row_seed(seed: int, row: int) -> int:
     """The seed of row `row` of a request seeded `seed` (workers, `n` choices): distinct per row."""
     return (seed * 1_000_003 + row) % 2**63
@@ -48,20 +51,33 @@ def generator(params: SamplingParams, device: torch.device) -> torch.Generator |
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
-    """Next token of every row from logits [B, V]: one argmax for the batch, then a draw per sampled row.
-    Returns plain ints (one host sync for the batch)."""
+    """Next token of every row from logits [B, V]: one argmax for the batch, then one draw per sampled row
+    with that row's generator. Returns plain ints (one host sync for the batch)."""
     tokens = logits.argmax(-1)
-    for j, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature > 0:
-            tokens[j] = draw(logits[j], p, g)
+    hot = [j for j, p in enumerate(params) if p.temperature > 0]
+    if hot:
+        rows = torch.tensor(hot, device=logits.device)
+        tokens[rows] = draw(logits[rows], [params[j] for j in hot], [generators[j] for j in hot])
     return tokens.tolist()
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """One token from logits [V] at `params.temperature`, within the smallest set of mass `top_p`."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0))
-    return torch.multinomial(probs, 1, generator=generator)[0]
+def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits [n, V] at each row's temperature, from the smallest set of its most
+    likely tokens whose mass reaches its top_p (nucleus sampling). Each row's draw reads only its own
+    logits and generator. The nucleus is found among the NUCLEUS_CANDIDATES most likely tokens when it
+    lies inside them (almost always), else over the whole sorted vocabulary: the same set either way."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=probs.dtype)
+    best, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    inside = (best.sum(-1) > top_p).tolist()
+    out = []
+    for j, p in enumerate(params):
+        if p.top_p >= 1:
+            out.append(torch.multinomial(probs[j], 1, generator=generators[j])[0])
+            continue
+        sorted_p, index = (best[j], order[j]) if inside[j] else probs[j].sort(descending=True)
+        kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > p.top_p, 0)  # mass before a token <= top_p
+        nucleus = torch.zeros_like(probs[j]).scatter(-1, index, kept)  # back in vocabulary order
+        out.append(torch.multinomial(nucleus, 1, generator=generators[j])[0])
+    return torch.stack(out)

@@ -21,7 +21,7 @@ from parsyn.decode import Batch, Row, decode
 from parsyn.detok import Detokenizer, StopText
 from parsyn.forward import prefill_rows
 from parsyn.probe import probe_items
-from parsyn.sampling import SamplingParams
+from parsyn.sampling import SamplingParams, draw
 from parsyn.synthesis import stream, synthesize
 from parsyn.train.data import DataConfig, _teach, specs
 from parsyn.workers import fork, from_texts
@@ -172,3 +172,24 @@ def test_stop_text_holds_back_what_may_begin_a_stop_string():
     assert held.release("anything") == ""
     plain = StopText([])
     assert plain.release("abc") == "abc" and plain.release("abcd") == "d"
+
+
+def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    sorted_p, order = probs.sort(descending=True)
+    return set(order[(sorted_p.cumsum(-1) - sorted_p) <= top_p].tolist())
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_nucleus_draws_stay_in_the_full_sort_nucleus(peaked):
+    """The nucleus is searched among the most likely tokens first; a flat distribution whose nucleus is
+    larger than that falls back to the whole vocabulary. Either way the draws come from the same set."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, generator=g) * (0.05 if not peaked else 1.0)
+    if peaked:
+        logits[[7, 3, 11]] = torch.tensor([12.0, 11.5, 10.8])
+    params = SamplingParams(4, temperature=1.0, top_p=0.9)
+    allowed = reference_nucleus(torch.softmax(logits, -1), 0.9)
+    assert (len(allowed) < 10) == peaked and (len(allowed) > 512) != peaked
+    gen = torch.Generator().manual_seed(1)
+    drawn = {int(draw(logits[None], [params], [gen])[0]) for _ in range(300)}
+    assert drawn <= allowed and (drawn == allowed if peaked else len(drawn) > 100)
