@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_lm
+from transformers import DynamicCache
 
 from parsyn.eval import tasks as T
 from parsyn.eval.bench import random_lm, sweep
@@ -15,6 +16,7 @@ from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
 from parsyn.eval.tasks import load
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import CacheOptions, prepare, synthesize
+from parsyn.variants import partial_keys_values
 from parsyn.workers import from_texts
 
 SMALL = dict(limit=2, workers=2, worker_tokens=6, answer_tokens=6, adapter="none")
@@ -105,3 +107,17 @@ def test_ttft_sweep_reports_every_cell(tokenizer):
         # each branch holds the asked-for text plus its turn's opening and end
         assert (len(c["branch_tokens"]) == c["branches"]
                 and all(c["length"] < n < c["length"] + 16 for n in c["branch_tokens"]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cacheblend_partial_prefill_is_the_models_own_first_layers(tokenizer, family):
+    """The check layers run on a decoder that shares the model's modules; the model is not touched."""
+    lm = tiny_lm(family, tokenizer)
+    layers = lm.model.get_decoder().layers
+    ids = torch.randint(3, 40000, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    keys, values = partial_keys_values(lm, ids, 1)
+    with torch.inference_mode():
+        full = lm.model(input_ids=torch.tensor([ids]), cache=DynamicCache(), use_cache=True).cache
+    assert len(keys) == 1 and lm.model.get_decoder().layers is layers and len(layers) == 2
+    torch.testing.assert_close(keys[0], full.layers[0].keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[0], full.layers[0].values, atol=1e-5, rtol=0)
