@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,9 +25,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp) on a temporary path beside `target`, then rename it over `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")  # `write` creates it: usual permissions
     try:
         write(tmp)
         os.replace(tmp, target)

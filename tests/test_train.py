@@ -308,3 +308,4 @@ def test_the_packaged_recipe_is_a_named_recipe_and_flags_override_it():
     assert (tweaked.loss.kl, tweaked.layouts, tweaked.lr, tweaked.seed) == (0.5, ("parallel",), config.lr, config.seed)
     with pytest.raises(ValueError, match="unknown recipe 'nosuch'"):
         recipes.load("nosuch")
+
