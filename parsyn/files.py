@@ -8,6 +8,7 @@ nothing twice and loses nothing it had finished.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -40,17 +41,48 @@ def write_json(target: Path, data: object) -> Path:
 
 
 @contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if needed) for the block: across processes, one
+    at a time. The lock goes with the process, so a killed holder never blocks the next one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; when the block ends without error it replaces `target`."""
+    """Yield a temporary folder beside `target`; when the block ends without error it replaces `target`.
+    One process at a time per target (a lock beside it); temporaries a killed process left are removed
+    first. The folder is readable by everyone (mode 755), like an ordinary folder."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    with locked(target.with_name(f".{target.name}.lock")):
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)
+        try:
+            yield tmp
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path, what: str = "file") -> object:
+    """A JSON file's content; one ValueError naming the file when it is not a readable JSON file."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path}")
+    _regular(path)
     try:
-        yield tmp
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {what} {path}: {error}") from None
 
 
 def read_records(path: Path, *, check: Callable[[dict], None] = lambda r: None, on_error: str = "stop") -> list[dict]:
@@ -65,15 +97,19 @@ def read_records(path: Path, *, check: Callable[[dict], None] = lambda r: None, 
     path = Path(path)
     if not path.exists():
         return []
+    _regular(path)
     records, bad = [], []
-    for number, line in enumerate(_complete(path.read_bytes()).decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(_complete(path.read_bytes()).split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
             if not isinstance(record, dict):
                 raise TypeError("not a JSON object")
             check(record)
+        except UnicodeDecodeError:
+            bad.append(f"{number} (not UTF-8 text)")
+            continue
         except (json.JSONDecodeError, ValueError, KeyError, TypeError) as error:
             bad.append(f"{number} ({error})")
             continue
@@ -84,6 +120,12 @@ def read_records(path: Path, *, check: Callable[[dict], None] = lambda r: None, 
             raise ValueError(message)
         log.warning("skipped %s", message)
     return records
+
+
+def _regular(path: Path) -> None:
+    """ValueError unless `path` is a regular file (a FIFO or device in its place would block or mislead)."""
+    if not path.is_file():
+        raise ValueError(f"{path} exists but is not a regular file; move it away to continue")
 
 
 def _complete(data: bytes) -> bytes:
@@ -108,6 +150,7 @@ class Records:
     def __enter__(self) -> Records:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
+            _regular(self.path)
             data = self.path.read_bytes()
             if _complete(data) != data:  # a kill mid-line: keep only complete lines
                 self.path.write_bytes(_complete(data))

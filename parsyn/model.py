@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import cpu
-from .files import atomic_folder
+from .files import atomic_folder, locked
 
 log = logging.getLogger("parsyn")
 
@@ -171,6 +172,19 @@ def default_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(_converted(default_gguf()))
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named `device`; ValueError when it is not a device or not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"'{device}' is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' is not available here (no CUDA GPU)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device '{device}' is not supported (cpu or cuda)")
+    return dev
+
+
 def load(
     path: str | os.PathLike | None = None,
     *,
@@ -183,6 +197,7 @@ def load(
     path: None for the embedded SmolLM2-135M-Instruct, a Hugging Face model folder, or a `.gguf` file.
     dtype defaults to float32 on CPU (faster than bf16 there) and bfloat16 on GPUs.
     """
+    check_device(device)
     if path is None:
         folder, name = _converted(default_gguf()), DEFAULT_NAME
     else:
@@ -229,9 +244,17 @@ def _converted(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (out / "config.json").is_file():
         return out
-    log.info("converting %s to safetensors once (about 30 s) into %s", gguf.name, out)
-    with atomic_folder(out) as tmp:
-        _convert(gguf, tmp)
+    with locked(out.with_name(f".{out.name}.converting")):
+        if (out / "config.json").is_file():  # another process converted it while this one waited
+            return out
+        log.info("converting %s to safetensors once (about 30 s) into %s", gguf.name, out)
+        with atomic_folder(out) as tmp:
+            try:
+                _convert(gguf, tmp)
+            except (ValueError, KeyError, IndexError, OSError, RuntimeError, struct.error) as error:
+                detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ValueError(f"cannot read {gguf} as a GGUF model ({detail}); the file may be truncated or "
+                                 "corrupt: get it again") from None
     return out
 
 

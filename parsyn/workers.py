@@ -85,7 +85,7 @@ def fork_many(
     fmt = ChatFormat(lm.tokenizer)
     if not questions:
         raise ValueError("need at least one question")
-    prefixes = [fmt.prefix_ids(_check_question(q), system) for q in questions]
+    prefixes = [fmt.prefix_ids(_check_question(q), system and _text(system, "the system prompt")) for q in questions]
     per_question = _roles_per_question(roles, len(questions), workers)
     everyone = [(q, i) for q, rs in enumerate(per_question) for i in range(len(rs))]
     rows_at_once = len(everyone) if batched else 1
@@ -181,14 +181,24 @@ def encode_texts(
     if not texts:
         raise ValueError("need at least one branch text")
     fmt = ChatFormat(lm.tokenizer)
-    prefix_ids = fmt.prefix_ids(_check_question(question), system)
+    texts = [_text(t, f"branch {i + 1}") for i, t in enumerate(texts)]
+    prefix_ids = fmt.prefix_ids(_check_question(question), system and _text(system, "the system prompt"))
     return prefix_ids, [fmt.ids(fmt.branch(question, system, r, t)) for r, t in zip(_roles(roles, len(texts)), texts)]
 
 
 def _check_question(question: str) -> str:
-    if not question or not question.strip():
+    if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
-    return question
+    return _text(question, "the question")
+
+
+def _text(value: str, what: str) -> str:
+    """`value` unchanged; ValueError when it holds characters that are not text (e.g. undecodable bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
+    return value
 
 
 def _roles(roles: Sequence[str], n: int) -> list[str | None]:
@@ -196,7 +206,7 @@ def _roles(roles: Sequence[str], n: int) -> list[str | None]:
         raise ValueError(f"need at least one worker, got {n}")
     if roles and len(roles) != n:
         raise ValueError(f"got {len(roles)} roles for {n} workers; give one role per worker or none")
-    return list(roles) if roles else [None] * n
+    return [_text(r, f"role {i + 1}") for i, r in enumerate(roles)] if roles else [None] * n
 
 
 def _roles_per_question(roles, questions: int, workers: int) -> list[list[str | None]]:

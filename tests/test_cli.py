@@ -69,6 +69,9 @@ def gpt2_folder(tmp_path_factory, tokenizer):
         (["run", "Why?", "--branch", "many words " * 6000], "positions"),
         (["run", "Why?", "--workers", "3", "--role", "a", "--role", "b"], "2 roles for 3 workers"),
         (["run", "Why?", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["run", "Why?", "--temperature", "nan"], "temperature must be a finite number"),
+        (["run", "Why?", "--seed", str(2**63)], "seed must be in [0, 2**63)"),
+        (["run", "Why?", "--adapter", "no/such/checkpoint"], "not a parsyn checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, gpt2_folder):
@@ -123,6 +126,8 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["report", "no/such/folder"], "summary.json"),
         (["train", "no/such.jsonl", "run"], "data file not found"),
         (["train", "no/such.jsonl", "run", "--recipe", "nosuch"], "unknown recipe"),
+        (["fidelity", "auto", "--data", "x.jsonl", "--probe", "-5"], "--probe must be >= 0"),
+        (["bench", "--device", "tpu9"], "not a device"),
     ],
 )
 def test_program_commands_refuse_bad_input_in_one_line(args, message):

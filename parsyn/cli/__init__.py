@@ -9,7 +9,7 @@ import sys
 import typer
 
 from . import evaluate, run, train  # noqa: F401  (each registers its commands on the app)
-from .common import app, err, quiet_libraries
+from .common import Interrupted, Terminated, app, quiet_libraries, raise_on_sigterm
 
 
 @app.callback()
@@ -19,14 +19,18 @@ def _commands() -> None:
 
 def main() -> None:
     """Entry point: run the app; library errors become one stderr line and exit code 2."""
-    quiet_libraries()
+    raise_on_sigterm()
     try:
-        app(standalone_mode=False)
+        quiet_libraries()
+        code = app(standalone_mode=False)  # typer turns Ctrl-C outside a resumable block into a return of 130
     except typer.Exit as stop:
         sys.exit(stop.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except Interrupted as stop:
+        print(f"parsyn: interrupted: {stop}", file=sys.stderr)
+        sys.exit(stop.code)
+    except (typer.Abort, KeyboardInterrupt, Terminated) as stop:
+        print("parsyn: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     except Exception as error:  # the one place errors turn into an exit code
         if isinstance(error, typer.TyperException):  # usage errors: typer's own message and exit code
             error.show()
@@ -37,5 +41,9 @@ def main() -> None:
         kind = "" if isinstance(error, (ValueError, TypeError)) else f"{type(error).__name__}: "
         print(f"parsyn: error: {kind}{message}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        if code in (130, 143):
+            print("parsyn: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(code)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import Optional
 
@@ -15,6 +18,36 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Synthesize parallel LLM-agent branches from their KV caches.")
 out = Console()
 err = Console(stderr=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so files close as they do on Ctrl-C."""
+
+
+class Interrupted(Exception):
+    """A command stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); `message` says what was kept."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def resumable(kept: Callable[[], str]) -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM become `Interrupted` carrying `kept()`: what was kept, how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept(), 130) from None
+    except Terminated:
+        raise Interrupted(kept(), 143) from None
 
 
 class Route(str, Enum):
@@ -38,11 +71,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def load_model(model: Optional[str]):
+def load_model(model: Optional[str], device: str = "cpu"):
     from ..model import load
 
     with err.status("loading model" if model else "loading the embedded SmolLM2-135M-Instruct"):
-        return load(model)
+        return load(model, device=device)
 
 
 def names(text: str) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import app, err, load_model, names, steps
+from ..model import check_device
+from .common import app, err, load_model, names, resumable, steps
 
 
 @app.command()
@@ -39,6 +40,7 @@ def bench(
     counts, sizes = parse_ints(branches, "branches"), parse_ints(lengths, "lengths")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    check_device(device)
     if random_shape:
         if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file():
             raise ValueError(f"--tokenizer: no tokenizer_config.json in '{tokenizer}'")
@@ -46,7 +48,7 @@ def bench(
                   else load_model(model).tokenizer if model else None)
         lm = random_lm(random_shape, source, device)
     else:
-        lm = load_model(model)
+        lm = load_model(model, device)
     with steps("cells", len(counts) * len(sizes)) as tick:
         cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick)
     result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells}
@@ -87,8 +89,12 @@ def evaluate(
 
     config = EvalConfig(tasks=names(tasks), methods=names(methods), limit=limit, seed=seed, workers=workers,
                         worker_tokens=max_new_tokens, answer_tokens=max_new_tokens, adapter=adapter)
+    from ..eval.run import read_predictions
+
     lm = load_model(model)
-    with steps("items", 1) as tick:
+    kept = lambda: (f"{len(read_predictions(out / 'predictions.jsonl'))} finished items are in "
+                    f"{out / 'predictions.jsonl'}; run the same command to resume")
+    with resumable(kept), steps("items", 1) as tick:
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
                            progress=lambda done, n, task: tick(done, n))
     table = Table(title=f"evaluation ({out})", title_justify="left")

@@ -50,6 +50,9 @@ def run(
     if not branch and workers < 1:
         raise ValueError(f"need at least one worker, got {workers}")
     lm = load_model(model)
+    from ..adapter import resolve
+
+    trained = resolve(lm, adapter)  # a bad adapter is refused before any worker runs
     roles = role or []
     if branch:
         f = from_texts(lm, question, branch, roles=roles, system=system)
@@ -57,9 +60,6 @@ def run(
         with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
             f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling,
                      on_token=on_token)
-    from ..adapter import resolve
-
-    trained = resolve(lm, adapter)
     routes = ["text", "cache"] if route == Route.both else [route.value]
     chosen = layout.value if layout else None
     results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, err, load_model, steps
+from .common import app, err, load_model, resumable, steps
 
 
 @app.command()
@@ -19,11 +19,14 @@ def data(
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
 ) -> None:
     """Generate self-distillation data: branches, then the text route's answers and distributions."""
-    from ..train.data import DataConfig, generate
+    from ..train.data import DataConfig, generate, read_items
 
     config = DataConfig(items=items, seed=seed, batch=batch)
     lm = load_model(model)
-    with steps("items", items) as tick:
+    path = out / "items.jsonl"
+    kept = lambda: (f"{len(read_items(path, on_error='skip'))} of {items} items are in {path}; "
+                    "run the same command to resume")
+    with resumable(kept), steps("items", items) as tick:
         path = generate(lm, out, config, progress=tick)
     err.print(f"data: {path}")
 
@@ -72,7 +75,9 @@ def train(
     if not data_file.is_file():
         raise ValueError(f"data file not found: {data_file}")
     lm = load_model(model)
-    result = run_training(lm, data_file, run_dir, config, on_error=on_error)
+    kept = lambda: f"{run_dir} keeps its last complete checkpoint; run the same command to resume"
+    with resumable(kept):
+        result = run_training(lm, data_file, run_dir, config, on_error=on_error)
     err.print(f"checkpoint: {result.path}")
 
 
@@ -88,6 +93,11 @@ def fidelity(
 ) -> None:
     """Score raw and trained cache routes against text synthesis (agreement, KL, probe)."""
     from ..adapter import resolve
+
+    if probe < 0 or held_out < 1:
+        raise ValueError(f"--probe must be >= 0 and --held-out >= 1, got {probe} and {held_out}")
+    if not data_file.is_file():
+        raise ValueError(f"data file not found: {data_file}")
     from ..eval.fidelity import ablations, evaluate, table
     from ..train.data import read_items
     from ..train.loop import split

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 from matplotlib.lines import Line2D
 
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 
 DPI = 110
 MARKERS = "osD^v<>ph*"
@@ -68,12 +67,7 @@ def _entries(data: object, key: str, fields: tuple[str, ...], source: object) ->
 def load_results(path: Path, key: str, fields: tuple[str, ...]) -> dict:
     """Read a results JSON object whose `key` lists entries with `fields`; one ValueError naming the file
     when it is missing, unreadable or malformed."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ValueError(f"results file not found: {path}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read results file {path}: {e}") from e
+    data = read_json(path, "results file")
     _entries(data, key, fields, path)
     return data
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapter import Synthesizer, resolve
-from ..files import Records, read_records, write_json
+from ..files import Records, read_json, read_records, write_json
 from ..model import LM
 from ..sampling import SamplingParams
 from ..synthesis import CacheOptions, synthesize
@@ -64,19 +64,22 @@ class EvalConfig:
                              f"(choose from {', '.join(sorted(known))})")
         if self.workers < 1 or self.worker_tokens < 1 or self.answer_tokens < 1:
             raise ValueError(f"EvalConfig needs positive workers and token limits, got {self}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 item per task, got {self.limit}")
+        SamplingParams(self.worker_tokens, self.temperature, 0.95, self.seed)  # the workers' sampling: valid
 
 
 def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
         progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out / "config.json", config)
-    trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None
-    methods = [m for m in config.methods if m != "cache-trained" or trained is not None]
+    trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None  # refusals come first,
+    methods = [m for m in config.methods if m != "cache-trained" or trained is not None]  # before any file
     items = [item for task in config.tasks
              for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
+    _check_config(out / "config.json", config)
     path = out / "predictions.jsonl"
+    ids = {item.id for item in items}
     done = {r["id"] for r in read_predictions(path)}
     with Records(path) as records:
         for n, item in enumerate(items, 1):
@@ -84,7 +87,7 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
                 records.append(evaluate_item(lm, item, config, methods, trained))
             if progress:
                 progress(n, len(items), item.task)
-    summary = summarize(read_predictions(path), config, methods, lm, command)
+    summary = summarize([r for r in read_predictions(path) if r["id"] in ids], config, methods, lm, command)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -155,15 +158,24 @@ def read_predictions(path: Path) -> list[dict]:
     return rows
 
 
+FIELDS = {"answer": str, "score": bool, "ttft_s": (int, float), "latency_s": (int, float), "prefill_tokens": int}
+
+
 def _check_prediction(row: dict) -> None:
-    if not isinstance(row["id"], str) or not isinstance(row["methods"], dict):
+    kinds = {"id": str, "task": str, "methods": dict}
+    if not all(isinstance(row.get(k), kind) for k, kind in kinds.items()):
         raise ValueError("not a prediction record; fix or remove it to resume")
+    for method, result in row["methods"].items():
+        result = result if isinstance(result, dict) else {}
+        wrong = [k for k, kind in FIELDS.items() if not isinstance(result.get(k), kind)]
+        if wrong:
+            raise ValueError(f"method {method!r} lacks {', '.join(wrong)}; fix or remove the line to resume")
 
 
 def _check_config(path: Path, config: EvalConfig) -> None:
     mine = json.loads(json.dumps(asdict(config)))
     if path.exists():
-        if json.loads(path.read_text()) != mine:
+        if read_json(path, "evaluation settings") != mine:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; "
                              "use the same ones to resume or a new folder")
     else:

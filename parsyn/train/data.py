@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import datasets as D
 from ..chat import DEFAULT_INSTRUCTION, ChatFormat
 from ..decode import Batch, Row
-from ..files import Records, read_records, write_json
+from ..files import Records, read_json, read_records, write_json
 from ..forward import prefill_rows
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
@@ -70,8 +70,11 @@ class DataConfig:
         for kind, share in self.mix:
             if kind not in KINDS or share < 0:
                 raise ValueError(f"bad mix entry ({kind!r}, {share}); kinds are {', '.join(KINDS)}")
-        if self.items < 1 or self.topk < 1 or self.answer_tokens < 1 or self.batch < 1:
+        if sum(share for _, share in self.mix) <= 0:
+            raise ValueError(f"the mix {self.mix} has no positive share")
+        if min(self.items, self.topk, self.answer_tokens, self.batch, self.worker_tokens) < 1:
             raise ValueError(f"DataConfig needs positive sizes, got {self}")
+        SamplingParams(self.worker_tokens, self.worker_temperature, 0.95, self.seed)  # the workers' sampling: valid
 
 
 # ---------------------------------------------------------------- specs (no model)
@@ -158,28 +161,31 @@ BUILDERS: dict[str, Callable[[int, random.Random], list[Spec]]] = {
 
 
 def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write `config.items` items to out/items.jsonl (resuming after the last complete line) plus a
-    manifest of the config and the split rules. Returns the JSONL path."""
+    """Write `config.items` items to out/items.jsonl plus a manifest of the config and the split rules;
+    returns the JSONL path. A stopped generation resumes: items are made in fixed batches, and a batch
+    with any item missing is made again whole (its finished items are not written twice), so every item
+    is computed exactly as in an uninterrupted run."""
+    order = specs(config)  # validates the config and the data sources before anything is written
+    order.sort(key=lambda s: (s.kind == "workers", sum(len(t) for t in s.texts) + len(s.question)))  # less padding
     out.mkdir(parents=True, exist_ok=True)
     path = out / "items.jsonl"
-    manifest = {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES}
-    _check_manifest(out / "manifest.json", manifest)
+    _check_manifest(out / "manifest.json", {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES})
     done = {item["id"] for item in read_items(path, on_error="skip")}
-    todo = [s for s in specs(config) if s.id not in done]
-    todo.sort(key=lambda s: (s.kind == "workers", sum(len(t) for t in s.texts) + len(s.question)))  # less padding
-    total = config.items
     with Records(path) as records:
-        for start in range(0, len(todo), config.batch):
-            for record in _teach(lm, todo[start : start + config.batch], config):
-                records.append(record)
+        for start in range(0, len(order), config.batch):
+            batch = order[start : start + config.batch]
+            if any(s.id not in done for s in batch):
+                for record in _teach(lm, batch, config):
+                    if record["id"] not in done:
+                        records.append(record)
             if progress:
-                progress(total - len(todo) + min(start + config.batch, len(todo)), total)
+                progress(min(start + config.batch, len(order)), len(order))
     return path
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:
     if path.exists():
-        old, new = json.loads(path.read_text()), json.loads(json.dumps(manifest))
+        old, new = read_json(path, "data manifest"), json.loads(json.dumps(manifest))
         if old.get("config") != new["config"] or old.get("model") != new["model"]:
             raise ValueError(f"{path.parent} holds data made with another config or model; use a new folder")
     else:
