@@ -119,3 +119,26 @@ def test_invalid_limits_and_results_raise_naming_the_value():
     with pytest.raises(TypeError, match="bytes"):
         run(b"print(1)")
 
+
+
+# ---------------------------------------------------------------- hostile programs
+
+FAKE_PASSES = {
+    "exit with the runner's old success code": "import os\nos._exit(86)\nassert False",
+    "patched traceback printing": "import os, traceback\ntraceback.print_exception = lambda *a, **k: os._exit(86)\n"
+                                  "assert False",
+    "patched os._exit": "import os\nreal = os._exit\nos._exit = lambda code: real(86)\nassert False",
+    "patched sys.exit and os._exit": "import os, sys\nreal = os._exit\nsys.exit = os._exit = lambda *a: real(86)\n"
+                                     "raise SystemExit(1)",
+    "stderr that exits": "import os, sys\nclass Out:\n    def write(self, s):\n        os._exit(86)\n"
+                         "    def flush(self):\n        pass\nsys.stderr = Out()\nassert False",
+    "guessed proof on every descriptor": "import os\nfor fd in range(3, 64):\n    try:\n"
+                                         "        os.write(fd, b'+' + b'0' * 64)\n    except OSError:\n"
+                                         "        pass\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("code", FAKE_PASSES.values(), ids=FAKE_PASSES.keys())
+def test_a_pass_cannot_be_faked_by_the_exit_path(code):
+    result = run(code, limits=FAST)
+    assert result.status == "failed", result

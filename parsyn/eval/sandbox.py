@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -28,58 +30,80 @@ from functools import lru_cache
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
 
-# Exit codes of the runner below. Success is a code user code is unlikely to produce by itself, so a solution
-# that calls `os._exit(0)` before its tests run does not pass.
-_PASSED, _MEMORY, _COMPILE, _EARLY_EXIT = 86, 87, 88, 89
+# Exit codes of the runner below for the outcomes other than a pass. A pass is never read from an exit code
+# (the code controls those): the runner proves it by writing a per-run secret to a pipe only after the program
+# returned, and the parent declares "passed" only when that pipe holds exactly the secret.
+_MEMORY, _COMPILE, _EARLY_EXIT = 87, 88, 89
+_STARTED = b"+"  # written to the proof pipe before the code runs: the sandbox itself worked
 
 # The child sets its own limits before running the code (instead of `preexec_fn`, which the subprocess
 # docs call unsafe when the parent has threads, and an evaluation harness may well score from a thread pool).
+# It keeps its own references to what it calls after the code ran, so patching `os._exit`, `traceback` or
+# `sys.stderr` changes nothing; the secret is read from an inherited pipe and that pipe closed before the code
+# runs, and it stays only in `_main`'s frame (not in argv, the environment, a file or a module global).
 _RUNNER = r"""
-import os, resource, socket, sys, traceback, _socket
-path, memory, cpu, fsize, nofile = sys.argv[1], *map(int, sys.argv[2:6])
-resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+import os, sys
 
-def _no_network(*args, **kwargs):
-    raise OSError("network disabled in sandbox")
+def _main():
+    import builtins, resource, socket, traceback, types, _socket
+    key_fd, proof_fd, memory, cpu, fsize, nofile, nproc = map(int, sys.argv[1:8])
+    sys.argv[:] = ["solution.py"]
+    key = b""
+    while chunk := os.read(key_fd, 256):
+        key += chunk
+    os.close(key_fd)
+    os.set_inheritable(proof_fd, False)
+    write, exit_, show_error, out, err = os.write, os._exit, traceback.print_exception, sys.stdout, sys.stderr
+    for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
+                         (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
 
-socket.socket = socket.create_connection = socket.getaddrinfo = socket.fromfd = _no_network
-_socket.socket = _no_network
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in sandbox")
 
-def _finish(code, show=True):
+    socket.socket = socket.create_connection = socket.getaddrinfo = socket.fromfd = _socket.socket = no_network
+
+    def finish(code, show=True):
+        try:
+            if show:
+                kind, error, trace = sys.exc_info()
+                show_error(kind, error, trace.tb_next, file=err)  # from the solution's frame on
+            for stream in (sys.stdout, sys.stderr, out, err):
+                stream.flush()
+        except MemoryError:
+            write(2, b"MemoryError\n")
+        except BaseException:
+            pass  # output past the file-size limit, or streams the code replaced; the status still tells
+        if code is None:
+            try:
+                write(proof_fd, key)
+            except BaseException:
+                code = 1
+        exit_(code or 0)
+
+    write(proof_fd, %(started)r)
     try:
-        if show:
-            kind, error, trace = sys.exc_info()
-            traceback.print_exception(kind, error, trace.tb_next)  # from the solution's frame on
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with open("solution.py", encoding="utf-8") as fh:
+            program = compile(fh.read(), "solution.py", "exec")
+    except (SyntaxError, ValueError):
+        finish(%(compile)d)
+    module = types.ModuleType("__main__")
+    module.__file__, module.__builtins__ = "solution.py", builtins
+    sys.modules["__main__"] = module
+    try:
+        exec(program, module.__dict__)
     except MemoryError:
-        os.write(2, b"MemoryError\n")
-    except OSError:
-        pass  # output past the file-size limit; the status still tells
-    os._exit(code)
+        module.__dict__.clear()  # free what the code held so the traceback can be printed
+        finish(%(memory)d)
+    except SystemExit as exc:
+        print(f"exited with {exc.code!r} before the tests finished", file=err)
+        finish(%(early)d, show=False)
+    except BaseException:
+        finish(1)
+    finish(None, show=False)
 
-try:
-    with open(path, encoding="utf-8") as fh:
-        program = compile(fh.read(), path, "exec")
-except (SyntaxError, ValueError):
-    _finish(%(compile)d)
-scope = {"__name__": "__main__", "__builtins__": __builtins__}
-try:
-    exec(program, scope)
-except MemoryError:
-    scope.clear()  # free what the code held so the traceback can be printed
-    _finish(%(memory)d)
-except SystemExit as exc:
-    print(f"exited with {exc.code!r} before the tests finished", file=sys.stderr)
-    _finish(%(early)d, show=False)
-except BaseException:
-    _finish(1)
-_finish(%(passed)d, show=False)
-""" % {"compile": _COMPILE, "memory": _MEMORY, "early": _EARLY_EXIT, "passed": _PASSED}
+_main()
+""" % {"started": _STARTED, "compile": _COMPILE, "memory": _MEMORY, "early": _EARLY_EXIT}
 
 
 @dataclass(frozen=True)
@@ -90,10 +114,11 @@ class Limits:
     memory_bytes: int = 512 * 2**20    # address space
     file_bytes: int = 16 * 2**20       # largest file the code may write (its output too)
     open_files: int = 64
+    processes: int = 64                # processes and threads the sandbox may hold at once (RLIMIT_NPROC)
     output_chars: int = 4000           # tail of stdout+stderr kept in the result
 
     def __post_init__(self):
-        for name in ("timeout_s", "memory_bytes", "file_bytes", "open_files", "output_chars"):
+        for name in ("timeout_s", "memory_bytes", "file_bytes", "open_files", "processes", "output_chars"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
@@ -139,38 +164,79 @@ def run(code: str, *, limits: Limits = Limits()) -> Result:
     code does, never leaves its processes or files behind."""
     if not isinstance(code, str):
         raise TypeError(f"code must be str, got {type(code).__name__}")
-    with tempfile.TemporaryDirectory(prefix="parsyn-sandbox-") as folder, tempfile.TemporaryFile() as output:
+    secret = secrets.token_hex(32).encode()
+    with tempfile.TemporaryDirectory(prefix="parsyn-sandbox-", ignore_cleanup_errors=True) as folder, \
+            tempfile.TemporaryFile() as output:
         with open(os.path.join(folder, "solution.py"), "w", encoding="utf-8") as fh:
             fh.write(code)
         start = time.monotonic()
-        returncode, timed_out = _execute(_command(limits), folder, output, limits.timeout_s)
+        returncode, timed_out, proof = _execute(folder, output, limits, secret)
         seconds = time.monotonic() - start
         text = _tail(output, limits.output_chars)
-    status, note = _status(returncode, timed_out)
+    if not proof.startswith(_STARTED) and not timed_out:
+        raise RuntimeError(f"the sandbox did not start the program (exit status {returncode}):\n{text[-2000:]}")
+    status, note = _status(returncode, timed_out, proof == _STARTED + secret)
     return Result(status, round(seconds, 3), text + note)
 
 
-def _command(limits: Limits) -> list[str]:
+def _command(limits: Limits, key_fd: int, proof_fd: int) -> list[str]:
     cpu_s = math.ceil(limits.timeout_s) + 1
-    return [*network_prefix(), sys.executable, "-I", "-c", _RUNNER, "solution.py", str(limits.memory_bytes),
-            str(cpu_s), str(limits.file_bytes), str(limits.open_files)]
+    numbers = (key_fd, proof_fd, limits.memory_bytes, cpu_s, limits.file_bytes, limits.open_files, limits.processes)
+    return [*network_prefix(), sys.executable, "-I", "-c", _RUNNER, *map(str, numbers)]
 
 
-def _execute(command: list[str], folder: str, output, timeout_s: float) -> tuple[int, bool]:
+def _execute(folder: str, output, limits: Limits, secret: bytes) -> tuple[int, bool, bytes]:
+    """Run the runner on `folder` with `secret` on its key pipe; the exit status, whether the deadline passed,
+    and what the runner wrote to its proof pipe."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
-    # Output goes to an unnamed file, not a pipe: a pipe would keep us waiting on any grandchild that
-    # inherited it, and could fill up and stall the child.
-    proc = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    key_r, key_w = os.pipe()
+    proof_r, proof_w = os.pipe()
     try:
-        returncode, timed_out = proc.wait(timeout=timeout_s), False
+        os.write(key_w, secret)  # far below a pipe's capacity, so this does not block
+        os.close(key_w)
+        # Output goes to an unnamed file, not a pipe: a pipe could fill up and stall the child.
+        proc = subprocess.Popen(_command(limits, key_r, proof_w), cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=(key_r, proof_w))
+    except BaseException:
+        os.close(proof_r)
+        raise
+    finally:
+        for fd in (key_r, key_w, proof_w):
+            _close(fd)
+    try:
+        returncode, timed_out = proc.wait(timeout=limits.timeout_s), False
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
         _kill_group(proc.pid)  # also reaps whatever the code started in the background
     if timed_out:
         returncode = proc.wait()
-    return returncode, timed_out
+    return returncode, timed_out, _drain(proof_r)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # already closed
+
+
+def _drain(fd: int, wait_s: float = 2.0, most: int = 4096) -> bytes:
+    """What the pipe `fd` holds once every writer is gone (or `wait_s` passed, or `most` bytes came); closes it."""
+    data, deadline = b"", time.monotonic() + wait_s
+    try:
+        while len(data) <= most:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
 
 
 def _kill_group(pgid: int) -> None:
@@ -187,17 +253,27 @@ def _tail(output, chars: int) -> str:
     return output.read().decode("utf-8", errors="replace")[-chars:]
 
 
-def _status(returncode: int, timed_out: bool) -> tuple[str, str]:
-    if timed_out or returncode == -signal.SIGXCPU:
-        return "timeout", ""
-    if returncode == _PASSED:
+def _signal_name(returncode: int) -> str | None:
+    """The signal that ended the runner: a negative status, or bubblewrap's 128 + n."""
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        return signal.Signals(number).name if number else None
+    except ValueError:
+        return None
+
+
+def _status(returncode: int, timed_out: bool, proven: bool) -> tuple[str, str]:
+    if proven:
         return "passed", ""
+    name = _signal_name(returncode)
+    if timed_out or name == "SIGXCPU":
+        return "timeout", ""
     if returncode == _MEMORY:
         return "memory", ""
     if returncode == _COMPILE:
         return "error", ""
-    if returncode < 0:
-        return "error", f"\nkilled by {signal.Signals(-returncode).name}"
+    if name is not None:
+        return "error", f"\nkilled by {name}"
     if returncode in (1, _EARLY_EXIT):
         return "failed", ""
     return "failed", f"\nexited with code {returncode} before the tests finished"
