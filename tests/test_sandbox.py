@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from parsyn.eval.sandbox import Limits, Result, network_prefix, run
+from parsyn.eval.sandbox import STATUSES, Limits, Result, isolation, run
 
 FAST = Limits(timeout_s=5.0)
 
@@ -23,6 +30,11 @@ def test_passing_and_failing_code():
 def test_code_that_does_not_compile_is_an_error():
     result = run("def f(:\n    pass", limits=FAST)
     assert result.status == "error" and "SyntaxError" in result.output
+
+
+def test_death_by_a_signal_is_an_error():
+    result = run("import os, signal\nprint('before', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)", limits=FAST)
+    assert result.status == "error" and result.output == "before\n\nkilled by SIGSEGV", result
 
 
 def test_exiting_before_the_tests_finish_does_not_pass():
@@ -66,9 +78,7 @@ def test_sockets_are_refused():
     assert result.output.count("network disabled in sandbox") == 2
 
 
-def test_network_namespace_has_only_loopback_when_available():
-    if not network_prefix():
-        pytest.skip("unshare --net does not work on this machine; only the Python guard applies")
+def test_network_namespace_has_only_loopback():
     result = run("print(sorted(line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]))",
                  limits=FAST)
     assert result.status == "passed" and result.output.strip() == "['lo']", result
@@ -84,12 +94,15 @@ def test_fresh_folder_is_removed_and_environment_is_minimal():
 
 
 def test_background_processes_are_killed():
-    result = run("import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid)", limits=FAST)
-    pid = int(result.output.split()[0])
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and _running(pid):
-        time.sleep(0.05)
-    assert not _running(pid)
+    marker = _marker()
+    try:
+        assert run(f"import subprocess\np = subprocess.Popen(['sleep', '{marker}'])", limits=FAST).status == "passed"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and _pids_with(marker):
+            time.sleep(0.05)
+        assert _pids_with(marker) == []
+    finally:
+        _kill_all(marker)
 
 
 def _running(pid: int) -> bool:
@@ -142,3 +155,142 @@ FAKE_PASSES = {
 def test_a_pass_cannot_be_faked_by_the_exit_path(code):
     result = run(code, limits=FAST)
     assert result.status == "failed", result
+
+
+def _marker() -> str:
+    """A `sleep` argument no other process uses, to find what a sandboxed program left running."""
+    return f"{60 + secrets.randbelow(10**6) / 10**7:.7f}"
+
+
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in entry.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if _running(pid)]
+
+
+def _kill_all(marker: str) -> None:
+    for pid in _pids_with(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_processes_in_new_sessions_die_with_the_sandbox():
+    new_session, double_fork = _marker(), _marker()
+    code = (f"import os, subprocess, time\nsubprocess.Popen(['sleep', '{new_session}'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execvp('sleep', ['sleep', '{double_fork}'])\n    os._exit(0)\ntime.sleep(0.3)")
+    try:
+        assert run(code, limits=FAST).status == "passed"
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and (_pids_with(new_session) or _pids_with(double_fork)):
+            time.sleep(0.05)
+        assert _pids_with(new_session) == [] and _pids_with(double_fork) == []
+    finally:
+        _kill_all(new_session)
+        _kill_all(double_fork)
+
+
+ESCAPE = """
+import ctypes, glob, os, subprocess, sys
+connect = "import socket; socket.create_connection(('127.0.0.1', PORT), timeout=1); print('REACHED')"
+def attempt(*prefix):
+    subprocess.run([*prefix, sys.executable, "-I", "-c", connect], stderr=subprocess.DEVNULL, timeout=3)
+for target in [f"/proc/{os.getppid()}/ns/net", "/proc/HOST/ns/net", *glob.glob("/proc/*/ns/net")]:
+    attempt("nsenter", f"--net={target}")
+    try:
+        fd = os.open(target, os.O_RDONLY)
+    except OSError:
+        continue
+    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0:  # CLONE_NEWNET
+        attempt()
+attempt()
+if subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"], stderr=subprocess.DEVNULL).returncode == 0:
+    print("NEW USER NAMESPACE")
+"""
+
+
+def test_the_network_namespace_cannot_be_left():
+    """Entering another network namespace (the parent's, found through /proc) must not reach our loopback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        code = ESCAPE.replace("PORT", str(listener.getsockname()[1])).replace("HOST", str(os.getpid()))
+        result = run(code, limits=Limits(timeout_s=20.0))
+        with pytest.raises(BlockingIOError):
+            listener.accept()[0].close()
+    assert result.status == "passed", result
+    assert "REACHED" not in result.output and "NEW USER NAMESPACE" not in result.output, result
+
+
+def test_the_file_system_is_read_only_but_for_the_folder():
+    """Host folders root may write are closed to the code; its own folder and /dev/null are open; the host's /tmp
+    (sockets, other runs' folders) is out of sight."""
+    token = secrets.token_hex(8)
+    canaries = [Path("/var/tmp") / f"parsyn-canary-{token}", Path(sys.executable).parent / f".canary-{token}",
+                Path("/etc") / f"parsyn-canary-{token}"]
+    code = ("import os\n"
+            f"for path in {[str(c) for c in canaries]!r}:\n"
+            "    try:\n        open(path, 'w').write('x')\n    except OSError as exc:\n        print(exc.errno)\n"
+            "open('mine.txt', 'w').write('x')\nopen('/dev/null', 'w').write('x')\n"
+            "print(os.getcwd())\nprint(os.listdir('/tmp'))")
+    try:
+        result = run(code, limits=FAST)
+        assert result.status == "passed", result
+        assert not any(c.exists() for c in canaries)
+        *errors, folder, tmp = result.output.splitlines()
+        assert errors == [str(errno.EROFS)] * 3, result
+        assert eval(tmp) in ([], [Path(folder).name]), result
+    finally:
+        for canary in canaries:
+            canary.unlink(missing_ok=True)
+
+
+def test_the_folder_holds_at_most_folder_bytes():
+    code = ("import errno\nwritten = 0\ntry:\n    for i in range(64):\n        with open(f'f{i}', 'wb') as fh:\n"
+            "            fh.write(bytes(2**20))\n        written += 2**20\nexcept OSError as exc:\n"
+            "    assert exc.errno == errno.ENOSPC, exc\nprint(written)")
+    result = run(code, limits=Limits(timeout_s=5.0, folder_bytes=8 * 2**20))
+    assert result.status == "passed" and int(result.output) < 8 * 2**20, result
+
+
+def test_a_fork_bomb_is_contained_and_ends_at_the_deadline():
+    """A bounded bomb (255 forks without a limit) that reports each fork that worked, then waits forever."""
+    code = ("import os, time\nfor _ in range(8):\n    try:\n        if os.fork() == 0:\n"
+            "            os.write(1, b'f')\n    except OSError:\n        pass\ntime.sleep(60)")
+    start = time.monotonic()
+    result = run(code, limits=Limits(timeout_s=2.0))
+    assert result.status == "timeout" and time.monotonic() - start < 6.0
+    assert 0 < result.output.count("f") < Limits().processes, result
+
+
+REPLACERS = {
+    "folder replaced by a file": "import os, shutil\nd = os.getcwd()\nos.chdir('/')\nshutil.rmtree(d)\n"
+                                 "open(d, 'w').write('x')",
+    "folder deleted": "import os, shutil\nd = os.getcwd()\nos.chdir('/')\nshutil.rmtree(d)",
+    "solution.py replaced by a folder": "import os\nos.remove('solution.py')\nos.mkdir('solution.py')\n"
+                                        "open('solution.py/x', 'w').write('x')\nos.chmod('solution.py', 0)",
+}
+
+
+@pytest.mark.parametrize("code", REPLACERS.values(), ids=REPLACERS.keys())
+def test_what_the_code_does_to_its_folder_never_raises(code):
+    result = run("import os\nprint(os.getcwd(), flush=True)\n" + code, limits=FAST)
+    assert isinstance(result, Result) and result.status in STATUSES
+    assert not os.path.lexists(result.output.splitlines()[0])
+
+
+def test_without_bubblewrap_the_sandbox_refuses_to_run(monkeypatch):
+    isolation.cache_clear()
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    try:
+        with pytest.raises(RuntimeError, match="needs bwrap"):
+            run("print('unisolated')", limits=FAST)
+    finally:
+        monkeypatch.undo()
+        isolation.cache_clear()
+    assert run("print('isolated')", limits=FAST).output == "isolated\n"

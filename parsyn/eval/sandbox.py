@@ -1,16 +1,48 @@
-"""Run untrusted Python (model-written solutions plus their tests) in a limited subprocess.
+"""Run untrusted Python (model-written solutions plus their tests) isolated by bubblewrap.
 
     result = run(solution + "\\n" + tests, limits=Limits(timeout_s=5))
     result.status  # "passed" | "failed" | "timeout" | "memory" | "error"
 
-Each run gets a fresh temporary working directory (removed afterwards), an isolated interpreter
-(`python -I`: no user site, no PYTHON* variables, script folder off `sys.path`), a minimal environment (no
-tokens inherited from ours), resource limits (address space, CPU seconds, file size, open files), a wall-clock
-deadline after which the whole process group is killed, and no network: a fresh network namespace through
-`unshare` where this machine allows it, and in any case a Python-level guard on `socket`.
+What a run guarantees and how; in brackets the tests (tests/test_sandbox.py, `test_` left off) that check it:
 
-Not a security boundary against hostile code: the code runs as our user and sees the file system. It guards
-against the accidents generated code makes (infinite loops, runaway memory, stray sockets, litter).
+- "passed" is proven, never read from an exit status the code controls: the parent makes a secret per run
+  (`secrets.token_hex`) and hands it over an inherited pipe that the runner reads and closes before the code
+  runs; only once `exec` of the program has returned does the runner write it to a second pipe, and "passed"
+  needs exactly that there. Otherwise: "failed" (raised, or exited early), "timeout" (deadline or CPU limit),
+  "memory" (MemoryError under the address-space limit), "error" (did not compile, or died from a signal).
+  [a_pass_cannot_be_faked_by_the_exit_path, exiting_before_the_tests_finish_does_not_pass, passing_and_failing_
+  code, code_that_does_not_compile_is_an_error, death_by_a_signal_is_an_error; timeout and memory below]
+- No process outlives the run: the code runs in its own pid namespace under bubblewrap's init, which dies with
+  bubblewrap (`--die-with-parent`); the kernel kills every process in a namespace whose init died, new sessions
+  and double forks included. At the deadline bubblewrap's process group is killed.
+  [background_processes_are_killed, processes_in_new_sessions_die_with_the_sandbox, infinite_loop_times_out...]
+- No network, no way into ours: a new network namespace with only loopback, inside a new user namespace, so the
+  code holds no capability outside it and cannot enter another namespace (setns, nsenter); it cannot see our
+  processes either (fresh /proc), nor make user namespaces of its own; `socket` is also disabled in Python.
+  [network_namespace_has_only_loopback, the_network_namespace_cannot_be_left, sockets_are_refused]
+- A read-only system: / read-only, fresh /proc and /dev (read-only; /dev/null and the like work), empty read-only
+  /tmp and /run (the host's sockets and other runs' folders out of sight). Its one writable place is its working
+  folder, a tmpfs of `Limits.folder_bytes` holding solution.py, gone with the run. As root, the code runs as
+  nobody (65534) without capabilities and with no-new-privs (setpriv), so it reads only what any user may; an
+  interpreter under a folder others cannot enter (pyenv in /root) is bound back into an empty tmpfs over it.
+  [the_file_system_is_read_only_but_for_the_folder, the_folder_holds_at_most_folder_bytes, fresh_folder_...]
+- Limits: address space, CPU seconds, file size (its output too), open files, and processes and threads
+  (RLIMIT_NPROC, counted in the run's own user namespace, and enforced because the code is never host root),
+  the deadline; `python -I` and a minimal environment (PATH, HOME, TMPDIR, LANG).
+  [unbounded_memory_is_reported_as_memory, threads_burning_cpu_time_out, output_past_the_file_limit_fails_...,
+  a_fork_bomb_is_contained_and_ends_at_the_deadline, fresh_folder_is_removed_and_environment_is_minimal]
+- `run` never raises for what the code does, to its folder or otherwise; it raises TypeError for code that is
+  not str, and RuntimeError naming what is missing where bubblewrap (or setpriv, as root) is missing or cannot
+  isolate here: it never runs code unisolated.
+  [what_the_code_does_to_its_folder_never_raises, without_bubblewrap_the_sandbox_refuses_to_run]
+
+Not guaranteed. The code and the harness share one interpreter: the secret sits in the runner's frame while the
+code runs, so code that deliberately inspects its interpreter (frames, `gc`, ctypes, /proc/self/mem) can find it,
+or call the runner's finishing function, and forge a pass; so can code that makes its tests vacuous (objects
+equal to everything, `sys.settrace` skipping asserts, patched builtins the tests call). Closing that needs the
+tests in another process than the solution. The code reads whatever any user may read on the host. CPU and
+memory limits hold per process (up to `Limits.processes` of them until the deadline), not per run as a cgroup
+would; the folder's tmpfs counts against the machine's memory, not the address-space limit.
 """
 
 from __future__ import annotations
@@ -21,12 +53,14 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
 
@@ -48,6 +82,7 @@ def _main():
     import builtins, resource, socket, traceback, types, _socket
     key_fd, proof_fd, memory, cpu, fsize, nofile, nproc = map(int, sys.argv[1:8])
     sys.argv[:] = ["solution.py"]
+    os.environ.pop("PWD", None)  # bubblewrap's, set after our minimal environment
     key = b""
     while chunk := os.read(key_fd, 256):
         key += chunk
@@ -63,18 +98,20 @@ def _main():
 
     socket.socket = socket.create_connection = socket.getaddrinfo = socket.fromfd = _socket.socket = no_network
 
-    def finish(code, show=True):
+    def quietly(action, *args, **kwargs):
         try:
-            if show:
-                kind, error, trace = sys.exc_info()
-                show_error(kind, error, trace.tb_next, file=err)  # from the solution's frame on
-            for stream in (sys.stdout, sys.stderr, out, err):
-                stream.flush()
+            action(*args, **kwargs)
         except MemoryError:
             write(2, b"MemoryError\n")
         except BaseException:
             pass  # output past the file-size limit, or streams the code replaced; the status still tells
-        if code is None:
+
+    def finish(code, show=True):
+        if show:
+            quietly(lambda: show_error(*sys.exc_info()[:2], sys.exc_info()[2].tb_next, file=err))  # the code's frames
+        for stream in (sys.stdout, sys.stderr, out, err):
+            quietly(lambda: stream.flush())
+        if code is None:  # the program returned: prove it
             try:
                 write(proof_fd, key)
             except BaseException:
@@ -115,10 +152,12 @@ class Limits:
     file_bytes: int = 16 * 2**20       # largest file the code may write (its output too)
     open_files: int = 64
     processes: int = 64                # processes and threads the sandbox may hold at once (RLIMIT_NPROC)
+    folder_bytes: int = 64 * 2**20     # size of its working folder, a tmpfs: all it may write but its output
     output_chars: int = 4000           # tail of stdout+stderr kept in the result
 
     def __post_init__(self):
-        for name in ("timeout_s", "memory_bytes", "file_bytes", "open_files", "processes", "output_chars"):
+        for name in ("timeout_s", "memory_bytes", "file_bytes", "open_files", "processes", "folder_bytes",
+                     "output_chars"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
@@ -143,20 +182,74 @@ class Result:
         return self.status == "passed"
 
 
-@lru_cache(maxsize=None)
-def network_prefix() -> tuple[str, ...]:
-    """The command prefix that puts a child in a fresh network namespace, or () where none works here.
+_NOBODY = 65534  # the uid and gid the code runs as when we are root
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
-    Checked once per process: root can `unshare --net`; other users need a user namespace as well."""
-    if shutil.which("unshare") is None:
-        return ()
-    prefix = ("unshare", "--net") if os.geteuid() == 0 else ("unshare", "--user", "--map-root-user", "--net")
-    try:
-        probe = subprocess.run([*prefix, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return prefix if probe.returncode == 0 else ()
+
+@lru_cache(maxsize=None)
+def isolation() -> tuple[str, ...]:
+    """The isolation tools (bubblewrap, and util-linux's setpriv when we are root), checked once per process by
+    isolating `python -I -c pass`. Raises RuntimeError naming what is missing: code never runs without them."""
+    names = ("bwrap", "setpriv") if os.geteuid() == 0 else ("bwrap",)
+    found = {name: shutil.which(name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise RuntimeError(f"the code sandbox needs {' and '.join(missing)} to isolate model-written code and does "
+                           "not run it without (Debian: apt-get install bubblewrap, or make install)")
+    tools = tuple(found.values())
+    with tempfile.TemporaryDirectory(prefix="parsyn-sandbox-") as folder, tempfile.TemporaryFile() as source:
+        command = [*_isolated(tools, folder, source.fileno(), 2**20), sys.executable, "-I", "-c", "pass"]
+        probe = subprocess.run(command, cwd=folder, env=_ENV, stdin=subprocess.DEVNULL, capture_output=True,
+                               pass_fds=(source.fileno(),), umask=0o022, timeout=60)
+    if probe.returncode != 0:
+        raise RuntimeError(f"bubblewrap cannot isolate code on this machine (exit status {probe.returncode}): "
+                           f"{probe.stderr.decode(errors='replace').strip()}")
+    return tools
+
+
+def _isolated(tools: tuple[str, ...], folder: str, source_fd: int, folder_bytes: int) -> list[str]:
+    """The command prefix that runs a program in new user, pid, network, ipc, uts and cgroup namespaces (no
+    capabilities outside them, only loopback, no more user namespaces), with / read-only, fresh /proc and /dev,
+    empty read-only /tmp and /run (no host sockets), and at `folder`, its working folder and the only place it
+    may write, a tmpfs of `folder_bytes` holding solution.py (copied from `source_fd`)."""
+    variables = {**_ENV, "HOME": folder, "TMPDIR": folder}
+    env = [arg for name, value in variables.items() for arg in ("--setenv", name, value)]
+    inner = [tools[0], "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+             "--ro-bind", "/", "/", "--size", "65536", "--tmpfs", "/tmp", "--size", "65536", "--tmpfs", "/run",
+             "--size", str(folder_bytes), "--tmpfs", folder, "--file", str(source_fd), f"{folder}/solution.py",
+             "--remount-ro", "/tmp", "--remount-ro", "/run",
+             "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", folder, "--clearenv", *env, "--"]
+    if len(tools) == 1:  # not root: the code runs as our own user, in its own user namespace
+        return inner
+    # As root: first a private mount namespace where the interpreter is reachable for the unprivileged user,
+    # then that user with no capabilities, no way to gain privileges, killed if this wrapper dies.
+    drop = [tools[1], f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--no-new-privs",
+            "--pdeathsig=KILL", "--"]
+    return [tools[0], "--dev-bind", "/", "/", "--die-with-parent", *_interpreter_binds(), "--", *drop, *inner]
+
+
+def _interpreter_binds() -> list[str]:
+    """bwrap arguments that make this interpreter reachable for other users when it lies under a folder they
+    cannot enter (pyenv under /root, say): a tmpfs over that folder with the interpreter's folders bound back."""
+    folders = (os.path.dirname(os.path.realpath(sys.executable)), sys.prefix, sys.base_prefix, sys.exec_prefix,
+               sys.base_exec_prefix)
+    needed = {os.path.realpath(p) for p in folders if os.path.isdir(p)}
+    args: list[str] = []
+    bound: list[Path] = []
+    hidden: set[Path] = set()
+    for path in sorted(map(Path, needed)):
+        ancestors = [a for a in reversed(path.parents) if a != Path("/")]
+        closed = next((a for a in ancestors if not os.stat(a).st_mode & stat.S_IXOTH), None)
+        if closed is None or any(b == path or b in path.parents for b in bound):
+            continue
+        if closed not in hidden:
+            args += ["--tmpfs", str(closed)]
+            hidden.add(closed)
+        for folder in ancestors[ancestors.index(closed) + 1:]:
+            args += ["--perms", "0755", "--dir", str(folder)]
+        args += ["--ro-bind", str(path), str(path)]
+        bound.append(path)
+    return args
 
 
 def run(code: str, *, limits: Limits = Limits()) -> Result:
@@ -164,13 +257,16 @@ def run(code: str, *, limits: Limits = Limits()) -> Result:
     code does, never leaves its processes or files behind."""
     if not isinstance(code, str):
         raise TypeError(f"code must be str, got {type(code).__name__}")
+    tools = isolation()
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="parsyn-sandbox-", ignore_cleanup_errors=True) as folder, \
-            tempfile.TemporaryFile() as output:
-        with open(os.path.join(folder, "solution.py"), "w", encoding="utf-8") as fh:
-            fh.write(code)
+            tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as output:
+        source.write(code.encode("utf-8", errors="surrogatepass"))  # a lone surrogate fails to compile, in there
+        source.flush()
+        source.seek(0)
+        prefix = _isolated(tools, folder, source.fileno(), limits.folder_bytes)
         start = time.monotonic()
-        returncode, timed_out, proof = _execute(folder, output, limits, secret)
+        returncode, timed_out, proof = _execute(prefix, source.fileno(), folder, output, limits, secret)
         seconds = time.monotonic() - start
         text = _tail(output, limits.output_chars)
     if not proof.startswith(_STARTED) and not timed_out:
@@ -179,25 +275,25 @@ def run(code: str, *, limits: Limits = Limits()) -> Result:
     return Result(status, round(seconds, 3), text + note)
 
 
-def _command(limits: Limits, key_fd: int, proof_fd: int) -> list[str]:
+def _command(prefix: list[str], limits: Limits, key_fd: int, proof_fd: int) -> list[str]:
     cpu_s = math.ceil(limits.timeout_s) + 1
     numbers = (key_fd, proof_fd, limits.memory_bytes, cpu_s, limits.file_bytes, limits.open_files, limits.processes)
-    return [*network_prefix(), sys.executable, "-I", "-c", _RUNNER, *map(str, numbers)]
+    return [*prefix, sys.executable, "-I", "-c", _RUNNER, *map(str, numbers)]
 
 
-def _execute(folder: str, output, limits: Limits, secret: bytes) -> tuple[int, bool, bytes]:
-    """Run the runner on `folder` with `secret` on its key pipe; the exit status, whether the deadline passed,
-    and what the runner wrote to its proof pipe."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
+def _execute(prefix: list[str], source_fd: int, folder: str, output, limits: Limits,
+             secret: bytes) -> tuple[int, bool, bytes]:
+    """Run the runner isolated by `prefix` (which reads `source_fd`) in `folder` with `secret` on its key pipe;
+    the exit status, whether the deadline passed, and what the runner wrote to its proof pipe."""
     key_r, key_w = os.pipe()
     proof_r, proof_w = os.pipe()
     try:
         os.write(key_w, secret)  # far below a pipe's capacity, so this does not block
         os.close(key_w)
         # Output goes to an unnamed file, not a pipe: a pipe could fill up and stall the child.
-        proc = subprocess.Popen(_command(limits, key_r, proof_w), cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                pass_fds=(key_r, proof_w))
+        proc = subprocess.Popen(_command(prefix, limits, key_r, proof_w), cwd=folder, env=_ENV,
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(source_fd, key_r, proof_w), umask=0o022)
     except BaseException:
         os.close(proof_r)
         raise
