@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -282,6 +283,17 @@ def test_what_the_code_does_to_its_folder_never_raises(code):
     result = run("import os\nprint(os.getcwd(), flush=True)\n" + code, limits=FAST)
     assert isinstance(result, Result) and result.status in STATUSES
     assert not os.path.lexists(result.output.splitlines()[0])
+
+
+def test_runs_while_we_hold_descriptors_past_1024():
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the open-file limit is below 1200 here")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert run("assert 2 + 2 == 4", limits=FAST).status == "passed"
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def test_without_bubblewrap_the_sandbox_refuses_to_run(monkeypatch):

@@ -320,11 +320,12 @@ def _close(fd: int) -> None:
 
 def _drain(fd: int, wait_s: float = 2.0, most: int = 4096) -> bytes:
     """What the pipe `fd` holds once every writer is gone (or `wait_s` passed, or `most` bytes came); closes it."""
-    data, deadline = b"", time.monotonic() + wait_s
+    data, deadline, poller = b"", time.monotonic() + wait_s, select.poll()  # poll: any fd number, unlike select
+    poller.register(fd, select.POLLIN)
     try:
         while len(data) <= most:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 break
             chunk = os.read(fd, 4096)
             if not chunk:
