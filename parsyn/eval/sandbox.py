@@ -286,20 +286,22 @@ def _execute(prefix: list[str], source_fd: int, folder: str, output, limits: Lim
     """Run the runner isolated by `prefix` (which reads `source_fd`) in `folder` with `secret` on its key pipe;
     the exit status, whether the deadline passed, and what the runner wrote to its proof pipe."""
     key_r, key_w = os.pipe()
-    proof_r, proof_w = os.pipe()
+    os.write(key_w, secret)  # far below a pipe's capacity, so this does not block
+    os.close(key_w)
     try:
-        os.write(key_w, secret)  # far below a pipe's capacity, so this does not block
-        os.close(key_w)
-        # Output goes to an unnamed file, not a pipe: a pipe could fill up and stall the child.
-        proc = subprocess.Popen(_command(prefix, limits, key_r, proof_w), cwd=folder, env=_ENV,
-                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True, pass_fds=(source_fd, key_r, proof_w), umask=0o022)
-    except BaseException:
-        os.close(proof_r)
-        raise
+        proof_r, proof_w = os.pipe()
+        try:
+            # Output goes to an unnamed file, not a pipe: a pipe could fill up and stall the child.
+            proc = subprocess.Popen(_command(prefix, limits, key_r, proof_w), cwd=folder, env=_ENV,
+                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                    start_new_session=True, pass_fds=(source_fd, key_r, proof_w), umask=0o022)
+        except BaseException:
+            os.close(proof_r)
+            raise
+        finally:
+            os.close(proof_w)  # the runner holds the only write end now
     finally:
-        for fd in (key_r, key_w, proof_w):
-            _close(fd)
+        os.close(key_r)
     try:
         returncode, timed_out = proc.wait(timeout=limits.timeout_s), False
     except subprocess.TimeoutExpired:
@@ -309,13 +311,6 @@ def _execute(prefix: list[str], source_fd: int, folder: str, output, limits: Lim
     if timed_out:
         returncode = proc.wait()
     return returncode, timed_out, _drain(proof_r)
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass  # already closed
 
 
 def _drain(fd: int, wait_s: float = 2.0, most: int = 4096) -> bytes:
