@@ -78,6 +78,19 @@ _STARTED = b"+"  # written to the proof pipe before the code runs: the sandbox i
 _RUNNER = r"""
 import os, sys
 
+_write = os.write
+
+def _no_network(*args, **kwargs):
+    raise OSError("network disabled in sandbox")
+
+def _quietly(action):
+    try:
+        action()
+    except MemoryError:
+        _write(2, b"MemoryError\n")
+    except BaseException:
+        pass  # output past the file-size limit, or streams the code replaced; the status still tells
+
 def _main():
     import builtins, resource, socket, traceback, types, _socket
     key_fd, proof_fd, memory, cpu, fsize, nofile, nproc = map(int, sys.argv[1:8])
@@ -92,25 +105,13 @@ def _main():
     for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
                          (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled in sandbox")
-
-    socket.socket = socket.create_connection = socket.getaddrinfo = socket.fromfd = _socket.socket = no_network
-
-    def quietly(action, *args, **kwargs):
-        try:
-            action(*args, **kwargs)
-        except MemoryError:
-            write(2, b"MemoryError\n")
-        except BaseException:
-            pass  # output past the file-size limit, or streams the code replaced; the status still tells
+    socket.socket = socket.create_connection = socket.getaddrinfo = socket.fromfd = _socket.socket = _no_network
 
     def finish(code, show=True):
         if show:
-            quietly(lambda: show_error(*sys.exc_info()[:2], sys.exc_info()[2].tb_next, file=err))  # the code's frames
+            _quietly(lambda: show_error(*sys.exc_info()[:2], sys.exc_info()[2].tb_next, file=err))  # the code's frames
         for stream in (sys.stdout, sys.stderr, out, err):
-            quietly(lambda: stream.flush())
+            _quietly(lambda: stream.flush())
         if code is None:  # the program returned: prove it
             try:
                 write(proof_fd, key)
