@@ -94,6 +94,12 @@ def test_fresh_folder_is_removed_and_environment_is_minimal():
     assert set(eval(names)) <= {"HOME", "LANG", "PATH", "TMPDIR", "LC_CTYPE"}
 
 
+def test_the_code_holds_only_standard_streams_and_the_proof_pipe():
+    result = run("import os\nfds = os.listdir('/proc/self/fd')\nprint(sorted(int(fd) for fd in fds))", limits=FAST)
+    descriptors = eval(result.output)  # the listing's own descriptor comes and goes with it
+    assert result.status == "passed" and descriptors[:3] == [0, 1, 2] and len(descriptors) == 5, result
+
+
 def test_background_processes_are_killed():
     marker = _marker()
     try:

@@ -100,6 +100,8 @@ def _main():
     while chunk := os.read(key_fd, 256):
         key += chunk
     os.close(key_fd)
+    os.closerange(3, proof_fd)  # whatever else came along (bubblewrap passes descriptors on)
+    os.closerange(proof_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     os.set_inheritable(proof_fd, False)
     write, exit_, show_error, out, err = os.write, os._exit, traceback.print_exception, sys.stdout, sys.stderr
     for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
