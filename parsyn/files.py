@@ -9,6 +9,7 @@ nothing twice and loses nothing it had finished.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -56,19 +57,30 @@ def locked(path: Path) -> Iterator[None]:
 
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; when the block ends without error it replaces `target`.
-    One process at a time per target (a lock beside it); temporaries a killed process left are removed
-    first. The folder is readable by everyone (mode 755), like an ordinary folder."""
+    """Yield a temporary folder beside `target`; when the block ends without error its files are synced
+    and it replaces `target`. Until the new folder is in place the old one is kept (as `.NAME.previous`),
+    so a kill at any moment leaves a complete folder that `recover_folder` puts back. One process at a
+    time per target (a lock beside it), which first recovers what a killed one left. The folder is
+    readable by everyone (mode 755), like an ordinary folder."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with locked(target.with_name(f".{target.name}.lock")):
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        recover_folder(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         os.chmod(tmp, 0o755)
         try:
             yield tmp
-            shutil.rmtree(target, ignore_errors=True)
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with file.open("rb") as fh:
+                        os.fsync(fh.fileno())
+            previous = _previous(target)
+            if target.exists():
+                shutil.rmtree(previous, ignore_errors=True)  # `target` is complete: an older copy is stale
+                os.replace(target, previous)
             os.replace(tmp, target)
+            _sync_dir(target.parent)
+            shutil.rmtree(previous, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -83,6 +95,44 @@ def read_json(path: Path, what: str = "file") -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read {what} {path}: {error}") from None
+
+
+def recover_folder(target: Path) -> bool:
+    """Undo what a kill inside `atomic_folder` left beside `target`: the previous folder goes back in place
+    when the new one never arrived, and stale temporary folders are removed. True if it restored one."""
+    target, previous = Path(target), _previous(Path(target))
+    restored = False
+    if previous.exists() and not target.exists():
+        os.replace(previous, target)
+        restored = True
+    shutil.rmtree(previous, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored
+
+
+def _previous(target: Path) -> Path:
+    return target.with_name(f".{target.name}.previous")
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_records(path: Path, *, check: Callable[[dict], None] = lambda r: None, on_error: str = "stop") -> list[dict]:

@@ -106,7 +106,7 @@ def test_an_unavailable_device_is_refused_before_loading():
 
 def test_atomic_folders_are_readable_and_clean_up_after_a_killed_writer(tmp_path):
     target = tmp_path / "models" / "m"
-    stale = target.with_name(f".{target.name}.tmp-left-by-a-kill")
+    stale = target.with_name(f".{target.name}.left-by-a-kill.tmp")
     stale.mkdir(parents=True)
     with atomic_folder(target) as tmp:
         (tmp / "config.json").write_text("{}")
@@ -115,7 +115,7 @@ def test_atomic_folders_are_readable_and_clean_up_after_a_killed_writer(tmp_path
     with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
         (tmp / "half").write_text("x")
         raise RuntimeError("killed halfway")
-    assert (target / "config.json").is_file() and not list(target.parent.glob(".m.tmp-*"))
+    assert (target / "config.json").is_file() and not list(target.parent.glob(".m.*.tmp"))
 
 
 @pytest.mark.slow
