@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapter import check_number
 from ..scoring import kl_per_position
 
 
@@ -18,10 +19,12 @@ class LossConfig:
     right_weight: float = 2.0  # items where the teacher's answer holds the gold answer
 
     def __post_init__(self) -> None:
-        if self.kl < 0 or self.ce < 0 or self.kl + self.ce == 0:
-            raise ValueError(f"LossConfig needs kl, ce >= 0 and not both 0, got kl={self.kl}, ce={self.ce}")
-        if self.value_weight <= 0 or self.right_weight <= 0:
-            raise ValueError(f"LossConfig weights must be positive, got {self.value_weight}, {self.right_weight}")
+        for name in ("kl", "ce"):
+            check_number(f"LossConfig.{name}", getattr(self, name), at_least=0)
+        for name in ("value_weight", "right_weight"):
+            check_number(f"LossConfig.{name}", getattr(self, name), above=0)
+        if self.kl + self.ce == 0:
+            raise ValueError(f"LossConfig needs kl or ce above 0, got kl={self.kl}, ce={self.ce}")
 
 
 def distill_loss(
