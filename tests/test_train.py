@@ -148,7 +148,7 @@ def test_training_checkpoints_and_a_stopped_run_resumes_exactly(tmp_path, tiny_d
     whole = train(tiny_lm("llama", tokenizer), tiny_data, tmp_path / "whole", config, show_progress=False)
     run = tmp_path / "stopped"
     train(tiny_lm("llama", tokenizer), tiny_data, run, config, show_progress=False, stop_after=2)
-    assert torch.load(run / "trainer.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2  # inside the checkpoint
     lm = tiny_lm("llama", tokenizer)  # a fresh process: everything comes from the run folder
     resumed = train(lm, tiny_data, run, config, show_progress=False)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -72,9 +72,11 @@ def train(
     config = recipes.override(base, steps=steps, lr=lr, mapper_lr=mapper_lr, mapper=mapper, lora=lora, rank=rank, kl=kl,
                               ce=ce, value_weight=value_weight, layouts=layouts, layout=layout, recompute=recompute,
                               accumulate=accumulate, checkpoint_every=checkpoint_every, seed=seed)
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"--on-error must be stop or skip, got {on_error!r}")
     if not data_file.is_file():
         raise ValueError(f"data file not found: {data_file}")
-    lm = load_model(model)
+    lm = load_model(model)  # what needs the model (the rank against its layers, a checkpoint) train() checks
     kept = lambda: f"{run_dir} keeps its last complete checkpoint; run the same command to resume"
     with resumable(kept):
         result = run_training(lm, data_file, run_dir, config, on_error=on_error)

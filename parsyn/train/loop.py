@@ -4,16 +4,23 @@ Each step takes one item per process and micro-batch: the frozen base model pref
 (LoRA off), the student composes them (mapper, layout drawn per step, structural aid) and runs the
 synthesizer's prompt plus the teacher's answer (LoRA on); the loss compares its next-token
 distributions with the teacher's. AdamW, warm-up + cosine, gradient accumulation and clipping.
-A run folder holds the latest checkpoint, the trainer state and a JSONL metrics log; a killed run
-continues from its last checkpoint (at most one interval is redone).
+A run folder holds its settings (config.json, written once everything is validated), a JSONL metrics
+log and the latest checkpoint: one folder, `checkpoint/`, that `adapter.load` reads and that also holds
+the trainer state (trainer.pt: optimizer, schedule, step, random states; loaded with weights_only) and
+state.json, written last, with the step, the data position and the sha256 of every file. A new checkpoint
+is written beside the old one and renamed into place, so a kill at any moment leaves one complete
+checkpoint; a killed run continues from it (at most one interval is redone) and ends bitwise where an
+uninterrupted run ends. A resume refuses a checkpoint whose files, settings or data do not belong together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Sequence
@@ -25,9 +32,9 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from ..adapter import AdapterConfig, Synthesizer, attach, save
+from ..adapter import CONFIG, WEIGHTS, AdapterConfig, Synthesizer, attach, check_number, known_fields, read_file, save
 from ..adapter import load as load_checkpoint
-from ..files import Records, atomic_write, write_json
+from ..files import Records, atomic_folder, recover_folder, sha256, write_json
 from ..kv import KV
 from ..layout import LAYOUTS
 from ..mapper import MapperConfig
@@ -36,6 +43,9 @@ from ..synthesis import CacheOptions, teacher_forced
 from ..workers import Fork, from_ids
 from .data import read_items
 from .loss import LossConfig, distill_loss
+
+TRAINER, STATE = "trainer.pt", "state.json"  # in run/checkpoint, beside the synthesizer's two files
+STATE_FORMAT = "parsyn-train-state"
 
 
 @dataclass(frozen=True)
@@ -55,22 +65,31 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(mapper=MapperConfig()))
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.accumulate < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(f"TrainConfig needs positive steps/accumulate/intervals, got {self}")
-        if not self.layouts or any(layout not in LAYOUTS for layout in self.layouts):
-            raise ValueError(f"TrainConfig.layouts must be drawn from {', '.join(LAYOUTS)}, got {self.layouts}")
-        if not 0 <= self.holdout_percent < 100 or not 0 <= self.warmup < 1 or self.lr <= 0:
-            raise ValueError(f"TrainConfig: bad holdout_percent, warmup or lr in {self}")
+        for name in ("steps", "accumulate", "checkpoint_every", "log_every"):
+            check_number(f"TrainConfig.{name}", getattr(self, name), integer=True, at_least=1)
+        check_number("TrainConfig.seed", self.seed, integer=True, at_least=0, below=2**63)
+        check_number("TrainConfig.holdout_percent", self.holdout_percent, integer=True, at_least=0, below=100)
+        check_number("TrainConfig.lr", self.lr, above=0)
+        check_number("TrainConfig.mapper_lr", self.mapper_lr, above=0)
+        check_number("TrainConfig.warmup", self.warmup, at_least=0, below=1)
+        check_number("TrainConfig.clip", self.clip, at_least=0)
+        if (not isinstance(self.layouts, (tuple, list)) or not self.layouts
+                or any(layout not in LAYOUTS for layout in self.layouts)):
+            raise ValueError(f"TrainConfig.layouts must be drawn from {', '.join(LAYOUTS)}, got {self.layouts!r}")
+        object.__setattr__(self, "layouts", tuple(self.layouts))
+        if not isinstance(self.loss, LossConfig) or not isinstance(self.adapter, AdapterConfig):
+            raise ValueError("TrainConfig.loss and TrainConfig.adapter must be a LossConfig and an AdapterConfig")
+        if not self.adapter.lora and self.adapter.mapper is None:
+            raise ValueError("TrainConfig.adapter trains nothing: it has neither a LoRA nor a mapper")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        data = dict(data)
-        data["loss"] = LossConfig(**data.get("loss", {}))
+        data = known_fields(cls, data, "TrainConfig")
+        data["loss"] = LossConfig(**known_fields(LossConfig, data.get("loss", {}), "TrainConfig.loss"))
         data["adapter"] = AdapterConfig.from_dict(data.get("adapter", {}))
-        data["layouts"] = tuple(data.get("layouts", cls.layouts))
         return cls(**data)
 
 
@@ -125,21 +144,23 @@ def train(
     stop_after: int | None = None,
 ) -> Synthesizer:
     """Train (or resume) a synthesizer in `run`; returns it. The checkpoint is run/checkpoint.
-    `stop_after` ends this call after that many steps (with a checkpoint); calling again continues."""
+    `stop_after` ends this call after that many steps (with a checkpoint); calling again continues.
+    Everything is validated (data, settings, the adapter on this model, a checkpoint to resume) before
+    anything is written; ValueError otherwise, FloatingPointError when the loss stops being finite."""
+    if stop_after is not None:
+        check_number("stop_after", stop_after, integer=True, at_least=1)
     accelerator = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=lm.device.type == "cpu")
-    run = Path(run)
-    items, _ = split(read_items(Path(data), on_error=on_error), config.holdout_percent)
-    if not items:
-        raise ValueError(f"no training items in {data}")
-    _check_run(run, config, data, accelerator)
+    run, data = Path(run), Path(data)
+    items, position = _training_items(data, config, on_error, accelerator.num_processes)
+    _check_run(run, config, data)
     torch.manual_seed(config.seed + accelerator.process_index)
-    resumed = (run / "trainer.pt").exists()
-    synthesizer = load_checkpoint(lm, run / "checkpoint") if resumed else attach(lm, config.adapter)
+    synthesizer, state = _start(lm, run, config, position, accelerator)
     synthesizer.recipe = {"train": config.to_dict(), "data": str(data), "items": len(items)}
     params = _param_groups(synthesizer, config)
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
-    start = _resume(run / "trainer.pt", optimizer, scheduler) if resumed else 0
+    start = _resume(run / "checkpoint", state, optimizer, scheduler) if state else 0
+    _write_settings(run, config, data, accelerator)
     student, optimizer = accelerator.prepare(Student(lm, synthesizer, config.loss), optimizer)
     log = _Log(run / "metrics.jsonl", start, accelerator.is_main_process)
     bar = _bar(config.steps, start, show_progress and accelerator.is_main_process)
@@ -158,11 +179,23 @@ def train(
         if done % config.checkpoint_every == 0 or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _checkpoint(lm, synthesizer, optimizer, scheduler, done, run)
+                _checkpoint(lm, synthesizer, optimizer, scheduler, done, run, {**position, "train": config.to_dict()})
     accelerator.wait_for_everyone()
     bar(None, None)
     synthesizer.path = run / "checkpoint"
     return synthesizer
+
+
+def _training_items(data: Path, config: TrainConfig, on_error: str, world: int) -> tuple[list[dict], dict]:
+    """The training items, and what ties a checkpoint to them: the data file's sha256, the number of
+    training items and how many a step takes (the data position is step x items_per_step)."""
+    if not data.is_file():
+        raise ValueError(f"data file not found: {data}")
+    items, _ = split(read_items(data, on_error=on_error), config.holdout_percent)
+    if not items:
+        raise ValueError(f"no training items in {data} (the file is empty or every item is held out)")
+    return items, {"data_sha256": sha256(data), "items": len(items), "world_size": world,
+                   "items_per_step": config.accumulate * world}
 
 
 def _step(student, optimizer, accelerator: Accelerator, params: list, items: Sequence[dict], step: int, layout: str,
@@ -174,6 +207,7 @@ def _step(student, optimizer, accelerator: Accelerator, params: list, items: Seq
         index = (step * config.accumulate + micro) * world + accelerator.process_index
         with accelerator.accumulate(student):
             loss, parts = student(_pick(items, index, config.seed), layout)
+            _check_finite(loss, accelerator, step)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.clip:
                 accelerator.clip_grad_norm_(params, config.clip)
@@ -185,14 +219,80 @@ def _step(student, optimizer, accelerator: Accelerator, params: list, items: Seq
     return stats
 
 
-def _resume(path: Path, optimizer, scheduler) -> int:
+def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int) -> None:
+    """Stop (every process together) before a non-finite loss reaches the weights."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item():
+        raise FloatingPointError(f"training diverged: the loss at step {step + 1} is not finite (NaN or inf); "
+                                 "stopped without a checkpoint of it (the last one is kept); lower the learning rates")
+
+
+def _start(lm: LM, run: Path, config: TrainConfig, position: dict, accelerator: Accelerator):
+    """(the synthesizer to train, the verified state.json of the checkpoint it resumes or None)."""
+    folder = run / "checkpoint"
+    if (run / TRAINER).exists():
+        raise ValueError(f"{run} holds a run of an older parsyn (trainer.pt beside checkpoint/) whose checkpoint "
+                         "cannot be verified; train into a new folder")
+    if accelerator.is_main_process:
+        recover_folder(folder)  # a kill while a checkpoint replaced the previous one: the previous comes back
+    accelerator.wait_for_everyone()
+    if not folder.exists():
+        return attach(lm, config.adapter), None
+    state = _verified_state(folder, {**position, "train": json.loads(json.dumps(config.to_dict()))})
+    synthesizer = load_checkpoint(lm, folder)
+    if synthesizer.recipe.get("step") != state["step"]:
+        raise ValueError(f"checkpoint {folder}: {CONFIG} is for step {synthesizer.recipe.get('step')}, "
+                         f"{STATE} for step {state['step']}")
+    return synthesizer, state
+
+
+def _verified_state(folder: Path, expected: dict) -> dict:
+    """state.json once every file it lists matches its sha256 and the run, data and data position per
+    step are the ones it was written for; ValueError naming the folder otherwise."""
+    if not (folder / STATE).is_file():
+        raise ValueError(f"{folder} holds no {STATE}: not a complete training checkpoint; train into a new folder")
+    try:
+        state = json.loads(read_file(folder / STATE, "training state"))
+        if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int)
+                or not isinstance(state.get("files"), dict) or any(Path(n).name != n for n in state["files"])):
+            raise ValueError("not a parsyn training state (or it lists files outside its folder)")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"checkpoint {folder}: {STATE} is corrupt: {error}") from None
+    for name in sorted(set(state["files"]) | {WEIGHTS, CONFIG, TRAINER}):
+        if not (folder / name).is_file() or sha256(folder / name) != state["files"].get(name):
+            raise ValueError(f"checkpoint {folder} is incomplete or altered: {name} is missing or does not match the "
+                             f"sha256 that {STATE} records")
+    differ = sorted(k for k in expected if state.get(k) != expected[k])
+    if differ:
+        raise ValueError(f"checkpoint {folder} belongs to other settings, data or processes ({', '.join(differ)} "
+                         "differ); resume with the same ones or use a new folder")
+    if state.get("items_seen") != state["step"] * expected["items_per_step"]:
+        raise ValueError(f"checkpoint {folder}: its data position ({state.get('items_seen')} items) is not step "
+                         f"{state['step']} x {expected['items_per_step']} items per step")
+    return state
+
+
+def _resume(folder: Path, state: dict, optimizer, scheduler) -> int:
     """Restore the optimizer, schedule and random states saved at a checkpoint; the step to continue from."""
-    saved = torch.load(path, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    random.setstate(saved["python_rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    return saved["step"]
+    try:
+        saved = torch.load(io.BytesIO(read_file(folder / TRAINER, "trainer state")), map_location="cpu",
+                           weights_only=True)
+        if saved["step"] != state["step"]:
+            raise ValueError(f"it is for step {saved['step']}, {STATE} for step {state['step']}")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        version, internal, gauss = saved["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(saved["torch_rng"])
+    except pickle.UnpicklingError:
+        raise ValueError(f"trainer state {folder / TRAINER} holds more than tensors and plain data; refused, since "
+                         "loading it could run code") from None
+    except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"trainer state {folder / TRAINER} does not fit this run: {reason}") from None
+    return state["step"]
 
 
 def _param_groups(synthesizer: Synthesizer, config: TrainConfig) -> list[dict]:
@@ -202,9 +302,7 @@ def _param_groups(synthesizer: Synthesizer, config: TrainConfig) -> list[dict]:
         groups.append({"params": lora, "lr": config.lr})
     if synthesizer.mapper is not None:
         groups.append({"params": list(synthesizer.mapper.parameters()), "lr": config.mapper_lr})
-    if not groups:
-        raise ValueError("nothing to train: the adapter config has neither LoRA nor a mapper")
-    return groups
+    return groups  # not empty: TrainConfig refuses an adapter without LoRA and mapper
 
 
 def _pick(items: Sequence[dict], index: int, seed: int) -> dict:
@@ -215,17 +313,29 @@ def _pick(items: Sequence[dict], index: int, seed: int) -> dict:
     return items[order[at]]
 
 
-def _check_run(run: Path, config: TrainConfig, data: Path, accelerator: Accelerator) -> None:
-    settings = {"train": config.to_dict(), "data": str(Path(data).resolve())}
+def _settings(config: TrainConfig, data: Path) -> dict:
+    return {"train": config.to_dict(), "data": str(Path(data).resolve())}
+
+
+def _check_run(run: Path, config: TrainConfig, data: Path) -> None:
+    """Refuse a run folder that holds a run with other settings (nothing is written here)."""
     path = run / "config.json"
-    if path.exists():
-        old, new = json.loads(path.read_text()), json.loads(json.dumps(settings))
-        if old != new:
-            changed = sorted(_differences(old, new))
-            raise ValueError(f"{run} holds a run with other settings ({', '.join(changed[:4])}); "
-                             "resume with the same ones or use a new folder")
-    elif accelerator.is_main_process:
-        write_json(path, settings)
+    if not path.exists():
+        return
+    try:
+        old = json.loads(read_file(path, "run settings"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"run settings {path} are corrupt: {error}") from None
+    new = json.loads(json.dumps(_settings(config, data)))
+    if old != new:
+        changed = sorted(_differences(old, new))
+        raise ValueError(f"{run} holds a run with other settings ({', '.join(changed[:4])}); "
+                         "resume with the same ones or use a new folder")
+
+
+def _write_settings(run: Path, config: TrainConfig, data: Path, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process and not (run / "config.json").exists():
+        write_json(run / "config.json", _settings(config, data))
     accelerator.wait_for_everyone()
 
 
@@ -235,11 +345,19 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _checkpoint(lm, synthesizer, optimizer, scheduler, step: int, run: Path) -> None:
-    save(synthesizer, lm, run / "checkpoint")
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-             "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
-    atomic_write(run / "trainer.pt", lambda p: torch.save(state, p))
+def _checkpoint(lm, synthesizer, optimizer, scheduler, step: int, run: Path, belongs: dict) -> None:
+    """One unit: the synthesizer's files, trainer.pt and, last, state.json (the step, what the checkpoint
+    belongs to, each file's sha256) in a temporary folder that then replaces run/checkpoint."""
+    synthesizer.recipe["step"] = step
+    version, internal, gauss = random.getstate()
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+               "python_rng": [version, list(internal), gauss], "torch_rng": torch.get_rng_state()}
+    with atomic_folder(run / "checkpoint") as tmp:
+        save(synthesizer, lm, tmp)
+        torch.save(trainer, tmp / TRAINER)
+        files = {name: sha256(tmp / name) for name in (WEIGHTS, CONFIG, TRAINER)}
+        write_json(tmp / STATE, {"format": STATE_FORMAT, "version": 1, "step": step,
+                                 "items_seen": step * belongs["items_per_step"], **belongs, "files": files})
 
 
 class _Log:

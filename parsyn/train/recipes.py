@@ -28,7 +28,7 @@ def load(name: str) -> TrainConfig:
                          f"(named recipes: {', '.join(names()) or 'none'}; or give a JSON file)")
     try:
         return TrainConfig.from_dict(json.loads(path.read_text())["train"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # ValueError: bad JSON or a field out of range
         raise ValueError(f"recipe {path} is not a training recipe: {error}") from None
 
 
