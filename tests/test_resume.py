@@ -21,8 +21,8 @@ from parsyn.train.data import DataConfig, generate
 
 pytestmark = pytest.mark.slow
 
-DATA = DataConfig(items=24, batch=4)  # what the command line below asks for
-EVAL = EvalConfig(tasks=("gsm8k", "boolq"), methods=("text", "cache-parallel"), limit=3, workers=2, worker_tokens=8,
+DATA = DataConfig(items=16, batch=4)  # what the command line below asks for
+EVAL = EvalConfig(tasks=("gsm8k", "boolq"), methods=("text", "cache-parallel"), limit=2, workers=2, worker_tokens=8,
                   answer_tokens=8, adapter="none")  # what the command line below asks for
 TIMINGS = ("ttft_s", "latency_s", "workers_s")
 
