@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -126,3 +128,23 @@ def test_a_truncated_gguf_is_one_clear_error_and_leaves_nothing_behind(tmp_path,
     with pytest.raises(ValueError, match="truncated or corrupt"):
         M.load(truncated)
     assert not [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
+
+
+def test_concurrent_first_conversions_convert_once_and_all_get_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARSYN_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(4096))
+    calls = []
+
+    def convert(_, out):  # a slow conversion, so that the others arrive while it runs
+        calls.append(out)
+        time.sleep(0.3)
+        (out / "weights.safetensors").write_bytes(b"w")
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(M, "_convert", convert)
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: M._converted(gguf), range(4)))
+    assert len(calls) == 1 and len(set(folders)) == 1
+    assert sorted(p.name for p in folders[0].iterdir()) == ["config.json", "weights.safetensors"]
+    assert [p.name for p in folders[0].parent.iterdir() if p.is_dir()] == [folders[0].name]
