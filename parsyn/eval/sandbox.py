@@ -219,8 +219,8 @@ def _isolated(tools: tuple[str, ...], folder: str, source_fd: int, folder_bytes:
     env = [arg for name, value in variables.items() for arg in ("--setenv", name, value)]
     inner = [tools[0], "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
              "--ro-bind", "/", "/", "--size", "65536", "--tmpfs", "/tmp", "--size", "65536", "--tmpfs", "/run",
-             "--size", str(folder_bytes), "--tmpfs", folder, "--file", str(source_fd), f"{folder}/solution.py",
-             "--remount-ro", "/tmp", "--remount-ro", "/run",
+             *_interpreter_back(), "--size", str(folder_bytes), "--tmpfs", folder, "--file", str(source_fd),
+             f"{folder}/solution.py", "--remount-ro", "/tmp", "--remount-ro", "/run",
              "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", folder, "--clearenv", *env, "--"]
     if len(tools) == 1:  # not root: the code runs as our own user, in its own user namespace
         return inner
@@ -231,12 +231,24 @@ def _isolated(tools: tuple[str, ...], folder: str, source_fd: int, folder_bytes:
     return [tools[0], "--dev-bind", "/", "/", "--die-with-parent", *_interpreter_binds(), "--", *drop, *inner]
 
 
+def _interpreter_folders() -> set[str]:
+    folders = (os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable), sys.prefix,
+               sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    return {os.path.realpath(p) for p in folders if os.path.isdir(p)} | {p for p in folders if os.path.isdir(p)}
+
+
+def _interpreter_back() -> list[str]:
+    """Read-only binds of the interpreter's folders that lie under the emptied /tmp or /run (a virtual
+    environment made in /tmp, say), so the interpreter still runs there."""
+    hidden = [p for p in sorted(_interpreter_folders()) if Path(p).is_relative_to("/tmp") or
+              Path(p).is_relative_to("/run")]
+    return [arg for p in hidden for arg in ("--ro-bind", p, p)]
+
+
 def _interpreter_binds() -> list[str]:
     """bwrap arguments that make this interpreter reachable for other users when it lies under a folder they
     cannot enter (pyenv under /root, say): a tmpfs over that folder with the interpreter's folders bound back."""
-    folders = (os.path.dirname(os.path.realpath(sys.executable)), sys.prefix, sys.base_prefix, sys.exec_prefix,
-               sys.base_exec_prefix)
-    needed = {os.path.realpath(p) for p in folders if os.path.isdir(p)}
+    needed = {os.path.realpath(p) for p in _interpreter_folders()}
     args: list[str] = []
     bound: list[Path] = []
     hidden: set[Path] = set()
