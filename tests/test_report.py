@@ -154,3 +154,23 @@ def test_heat_map_orders_lengths_and_branches_numerically():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["128", "256", "512", "1024"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["2", "8", "16"]
     assert "21.6×" in [t.get_text() for t in ax.texts]
+
+
+def test_the_report_leads_with_accuracy_intervals_and_paired_differences(tmp_path):
+    from parsyn.eval import stats as S
+
+    text = {"gsm8k": [True] * 20 + [False] * 20, "mmlu": [True, False] * 10}
+    other = {"gsm8k": [True] * 20 + [False] * 20, "mmlu": [False, False] * 10}
+    rows = []
+    for task in text:
+        for method, scores in (("text", text[task]), ("cache-trained", other[task])):
+            row = {"task": task, "method": method, **S.accuracy(scores), "agreement": None, "ttft_median_s": 0.1}
+            if method != "text":
+                row["vs_text"] = S.paired(scores, text[task])
+            rows.append(row)
+    write(tmp_path / "summary.json", {**summary(), "rows": rows})
+    page = write_report(tmp_path).read_text()
+    assert "Smoke test" in page and "mmlu" in page.split("Smoke test")[1].split("</p>")[0]  # 20 items < 30
+    assert "gsm8k" not in page.split("Smoke test")[1].split("</p>")[0]  # 40 items is not a smoke test
+    assert "cache-trained: 1 of 2" in page  # gsm8k at parity (the same answers), mmlu far below
+    assert "+0.0 [+0.0, +0.0]" in page and "-50.0 [" in page and (tmp_path / "vs-text.png").is_file()

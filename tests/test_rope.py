@@ -38,7 +38,7 @@ def assert_rerotation_exact(lm, n, shift):
     k1, v1 = cached_keys(lm, ids, shift)
     old, new = torch.arange(n), torch.arange(n) + shift
     moved = rope_of(lm.model).rerotate(k0, old, new)
-    torch.testing.assert_close(moved[0], k1[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[0], k1[0], atol=1e-5, rtol=1e-6)  # rtol: Qwen2 keys reach ~1e2
     for layer, (a, b) in enumerate(zip(moved, k1)):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=0, msg=f"layer {layer}")
     # the check can fail: keys left where they were are far from the model's keys

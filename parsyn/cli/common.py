@@ -71,10 +71,15 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+MODEL_HELP = ("A model name (`parsyn models`), Hugging Face folder or .gguf file; default qwen2.5-coder-0.5b "
+              "or $PARSYN_MODEL.")
+
+
 def load_model(model: Optional[str], device: str = "cpu"):
     from ..model import load
+    from ..registry import default
 
-    with err.status("loading model" if model else "loading the embedded SmolLM2-135M-Instruct"):
+    with err.status(f"loading {model or default()}"):
         return load(model, device=device)
 
 

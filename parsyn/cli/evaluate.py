@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..eval.run import METHODS
 from ..model import check_device
-from .common import app, err, load_model, names, resumable, steps
+from .common import MODEL_HELP, app, err, load_model, names, resumable, steps
 
 
 @app.command()
@@ -24,7 +25,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list of cells as JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(
         help="Also write the full result (command, environment, cells) here.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
     random_shape: Annotated[Optional[str], typer.Option(
         help="Time a randomly initialised model of this shape instead (e.g. qwen3-14b).")] = None,
     device: Annotated[str, typer.Option(help="Device for --random-shape (cpu or cuda).")] = "cpu",
@@ -74,21 +75,24 @@ def bench(
 def evaluate(
     tasks: Annotated[str, typer.Option(help="Tasks, comma-separated (see parsyn/eval/tasks.py).")],
     out: Annotated[Path, typer.Option(help="Results folder (resumes if it holds this evaluation).")],
-    methods: Annotated[str, typer.Option(help="Methods, comma-separated.")] = (
-        "single,text,cache-parallel,cache-sequential,cache-trained,cacheblend,ape"),
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated.")] = ",".join(METHODS),
     limit: Annotated[int, typer.Option(help="Items per task (a deterministic subset by seed).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and of the workers' sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Workers per item.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of the workers and of every synthesizer.")] = 96,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="Token limit of the workers and of every synthesizer (default: by task kind).")] = None,
+    worker_tokens: Annotated[Optional[int], typer.Option(help="Workers' token limit (overrides the above).")] = None,
+    answer_tokens: Annotated[Optional[int], typer.Option(help="Synthesizers' token limit (overrides).")] = None,
     adapter: Annotated[str, typer.Option(help="Synthesizer for cache-trained: auto, none or a checkpoint.")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: embedded SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches."""
     from ..eval.run import EvalConfig
     from ..eval.run import run as run_eval
 
     config = EvalConfig(tasks=names(tasks), methods=names(methods), limit=limit, seed=seed, workers=workers,
-                        worker_tokens=max_new_tokens, answer_tokens=max_new_tokens, adapter=adapter)
+                        worker_tokens=worker_tokens or max_new_tokens, answer_tokens=answer_tokens or max_new_tokens,
+                        adapter=adapter)
     from ..eval.run import read_predictions
 
     lm = load_model(model)
@@ -97,14 +101,26 @@ def evaluate(
     with resumable(kept), steps("items", 1) as tick:
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
                            progress=lambda done, n, task: tick(done, n))
+    print_summary(summary, out)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """Accuracy first: with its interval, the paired difference from text, regressions and rescues."""
     table = Table(title=f"evaluation ({out})", title_justify="left")
-    for column in ("task", "method", "n", "accuracy", "agreement", "identical", "TTFT p50", "TTFT p90", "prefilled"):
+    for column in ("task", "method", "n", "accuracy [95% CI]", "vs text [95% CI]", "regr.", "resc.", "agree",
+                   "TTFT p50"):
         table.add_column(column)
+    pct = lambda x: f"{100 * x:.0f}"
     for r in summary["rows"]:
-        agree, same = ("—" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("agreement", "identical"))
-        table.add_row(r["task"], r["method"], str(r["n"]), f"{100 * r['accuracy']:.0f}%", agree, same,
-                      f"{r['ttft_median_s'] * 1000:.0f} ms", f"{r['ttft_p90_s'] * 1000:.0f} ms",
-                      f"{r['prefill_tokens_mean']:.0f}")
+        low, high = r["accuracy_ci"]
+        versus = r.get("vs_text")
+        table.add_row(r["task"], r["method"], f"{r['n']}" + (" (smoke)" if r["smoke"] else ""),
+                      f"{pct(r['accuracy'])}% [{pct(low)}, {pct(high)}]",
+                      f"{100 * versus['diff']:+.0f} [{100 * versus['diff_ci'][0]:+.0f}, "
+                      f"{100 * versus['diff_ci'][1]:+.0f}]" if versus else "—",
+                      str(versus["regressions"]) if versus else "—", str(versus["rescues"]) if versus else "—",
+                      "—" if r["agreement"] is None else f"{pct(r['agreement'])}%",
+                      f"{r['ttft_median_s'] * 1000:.0f} ms")
     Console().print(table)
 
 

@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import Layout, Route, app, err, load_model, out
+from .common import MODEL_HELP, Layout, Route, app, err, load_model, out
 
 
 @app.command()
@@ -32,7 +32,7 @@ def run(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     system: Annotated[Optional[str], typer.Option(help="System prompt of the shared prefix.")] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="Hugging Face model folder or .gguf file (default: embedded SmolLM2).")] = None,
+        "--model", help=MODEL_HELP)] = None,
     adapter: Annotated[str, typer.Option(
         help="Trained synthesizer for the cache route: auto (the packaged one when it fits the model), "
              "none, or a checkpoint folder.")] = "auto",

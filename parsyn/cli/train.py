@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, err, load_model, resumable, steps
+from .common import MODEL_HELP, app, err, load_model, resumable, steps
 
 
 @app.command()
@@ -16,7 +16,7 @@ def data(
     items: Annotated[int, typer.Option(help="Number of items.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the item mix.")] = 0,
     batch: Annotated[int, typer.Option(help="Items decoded together.")] = 16,
-    model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Generate self-distillation data: branches, then the text route's answers and distributions."""
     from ..train.data import DataConfig, generate, read_items
@@ -60,7 +60,7 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [100].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed [0].")] = None,
     on_error: Annotated[str, typer.Option(help="Malformed data lines: stop or skip (both name the lines).")] = "stop",
-    model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Train a synthesizer (LoRA + mapper) by distillation from the text route; resumable. Defaults in
     brackets hold without --recipe."""
@@ -91,7 +91,7 @@ def fidelity(
     held_out: Annotated[int, typer.Option(help="At most this many held-out items.")] = 100,
     layouts: Annotated[str, typer.Option(help="Layouts to score, comma-separated.")] = "parallel,sequential",
     out: Annotated[Optional[Path], typer.Option(help="Write the rows as JSON here.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: embedded SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Score raw and trained cache routes against text synthesis (agreement, KL, probe)."""
     from ..adapter import resolve

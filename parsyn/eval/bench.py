@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..compose import compose
-from ..model import LM, default_tokenizer, wrap
+from ..model import LM, wrap
+from ..model import tokenizer as named_tokenizer
 from ..rope import rope_of
 from ..sampling import SamplingParams
 from ..synthesis import prefill_over, prompt_tokens, synthesize
@@ -114,7 +115,7 @@ def random_lm(shape: str, tokenizer=None, device: str = "cpu") -> LM:
         raise ValueError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)})")
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' is not available here")
-    tokenizer = tokenizer or default_tokenizer()
+    tokenizer = tokenizer or named_tokenizer()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[shape]), dtype=dtype, attn_implementation="sdpa")

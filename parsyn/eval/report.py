@@ -17,6 +17,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg and leave
 from matplotlib.lines import Line2D
 
 from ..files import atomic_write, read_json
+from . import headline as H
 
 DPI = 110
 MARKERS = "osD^v<>ph*"
@@ -27,7 +28,8 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.4em 0 1.2em;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}figure{margin:1em 0}"""
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}figure{margin:1em 0}
+p.warn{background:#fff3cd;padding:.5em}"""
 
 
 def _num(x: object) -> float | None:
@@ -171,12 +173,12 @@ def _benches(bench: dict | Sequence[dict] | None) -> list[dict]:
 def plots(summary: dict, bench: dict | Sequence[dict] | None, out_dir: Path) -> list[Path]:
     """Write the report's PNGs into `out_dir` (created if needed) and return their paths.
 
-    accuracy.png and agreement.png come from summary["rows"]; ttft.png and speedup.png from the first
+    accuracy.png, vs-text.png and agreement.png come from summary["rows"]; ttft.png and speedup.png from the first
     bench result, ttft-2.png and speedup-2.png from the second, and so on. A plot with no values to draw
     (e.g. every agreement null) is left out. Inputs are not mutated.
     """
     rows = _entries(summary, "rows", ("task", "method"), "summary")
-    figures = {"accuracy.png": _bars(rows, "accuracy", "Accuracy"),
+    figures = {"accuracy.png": _bars(rows, "accuracy", "Accuracy"), "vs-text.png": H.diff_plot(rows),
                "agreement.png": _bars(rows, "agreement", "Agreement with text synthesis")}
     for i, one in enumerate(_benches(bench)):
         cells, tag = _entries(one, "cells", ("branches", "length"), "bench"), "" if i == 0 else f"-{i + 1}"
@@ -220,6 +222,9 @@ def _ms(x: float) -> str:
 
 SUMMARY_COLUMNS = (
     ("task", "task", None), ("method", "method", None), ("n", "n", "{:.0f}".format),
+    ("accuracy_text", "accuracy [95% CI]", None), ("diff_text", "minus text, points [95% CI]", None),
+    ("regressions", "regressions (text right, method wrong)", "{:.0f}".format),
+    ("rescues", "rescues (text wrong, method right)", "{:.0f}".format),
     ("accuracy", "accuracy", _pct), ("agreement", "agreement with text (final answer)", _pct),
     ("identical", "identical to text", _pct),
     ("ttft_median_s", "TTFT median (ms)", _ms), ("ttft_p90_s", "TTFT p90 (ms)", _ms),
@@ -264,7 +269,8 @@ def _html(summary: dict, benches: list[dict], pngs: list[Path]) -> str:
     if config:
         parts.append("<h2>Configuration</h2>" + _table((("key", "key", None), ("value", "value", None)),
                                                         [{"key": k, "value": v} for k, v in config.items()]))
-    parts.append("<h2>Results by task and method</h2>" + _table(SUMMARY_COLUMNS, summary["rows"]))
+    parts.append("<h2>Results by task and method</h2>" + H.lead(summary["rows"])
+                 + _table(SUMMARY_COLUMNS, [H.flat(r) for r in summary["rows"]]))
     for one in benches:
         cells = [{**c, "speedup": _speedup(c), "total_tokens": _total_tokens(c)} for c in one["cells"]]
         layout = (("layout", "layout", None),) if any("layout" in c for c in cells) else ()

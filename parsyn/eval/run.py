@@ -2,11 +2,20 @@
 
 Methods:
 - `single`: one agent answers alone (no workers, no synthesis);
+- `vote`: majority voting over the workers' final answers (the paper's baseline; no synthesis, so no
+  time to first token beyond the workers');
 - `text`: text synthesis, the baseline (all branch texts prefilled again);
 - `cache-parallel`, `cache-sequential`: raw cache routes;
 - `cache-trained`: the cache route with the trained synthesizer (when one fits the model);
 - `cacheblend`: CacheBlend-style selective recompute of the ~15% most deviating branch tokens;
-- `ape`: APE-style training-free attention temperature and scale on branch spans (parallel layout).
+- `ape`: APE-style training-free attention temperature and scale on branch spans (parallel layout);
+- `cache-recompute`: the cache route with the first 8 tokens of every branch recomputed (parallel);
+- `relay`: RelayCaching-style (2026): the positions where prefix-induced drift concentrates, each
+  branch's first tokens, plus the 5% of branch tokens whose K/V drifted most at layer 1, recomputed
+  (sequential layout, as one agent's output follows another's).
+
+Token budgets are chosen per task kind (`BUDGETS`) unless the config sets them. Accuracy comes with a 95%
+bootstrap interval, and every method is compared with text synthesis on the same items (`stats.py`).
 
 Agreement with text synthesis compares the final answers (the number, choice, span or program each text
 commits to); `identical` counts answers whose whole text is the same. Rows of task `all` pool every item.
@@ -31,14 +40,21 @@ from ..model import LM
 from ..sampling import SamplingParams
 from ..synthesis import CacheOptions, synthesize
 from ..workers import fork
+from . import stats as S
 from . import tasks as T
 from .bench import environment
 
-METHODS = ("single", "text", "cache-parallel", "cache-sequential", "cache-trained", "cacheblend", "ape")
+METHODS = ("single", "vote", "text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute",
+           "cacheblend", "ape", "relay")
+# (worker tokens, answer tokens) by task kind: room to reason where the task needs it, short answers elsewhere
+BUDGETS = {"choice": (64, 12), "yesno": (48, 8), "span": (48, 16), "number": (192, 32), "math": (224, 48),
+           "code": (256, 256)}
 ROLES = ("Solve it step by step.", "Answer directly and briefly.", "Check the question carefully, then answer.",
          "Explain your reasoning, then give the answer.")
 APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
 BLEND = CacheOptions(blend=0.15, check_layer=1)
+RECOMPUTE = CacheOptions(recompute=8)
+RELAY = CacheOptions(recompute=8, blend=0.05, check_layer=1)
 
 
 @dataclass(frozen=True)
@@ -48,8 +64,8 @@ class EvalConfig:
     limit: int | None = 20
     seed: int = 0
     workers: int = 3
-    worker_tokens: int = 96
-    answer_tokens: int = 96
+    worker_tokens: int | None = None  # None: by task kind (BUDGETS)
+    answer_tokens: int | None = None
     temperature: float = 0.7
     adapter: str = "auto"
 
@@ -62,11 +78,16 @@ class EvalConfig:
         if bad or not self.tasks:
             raise ValueError(f"unknown task(s) {', '.join(bad) or '(none given)'} "
                              f"(choose from {', '.join(sorted(known))})")
-        if self.workers < 1 or self.worker_tokens < 1 or self.answer_tokens < 1:
+        if self.workers < 1 or any(n is not None and n < 1 for n in (self.worker_tokens, self.answer_tokens)):
             raise ValueError(f"EvalConfig needs positive workers and token limits, got {self}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1 item per task, got {self.limit}")
-        SamplingParams(self.worker_tokens, self.temperature, 0.95, self.seed)  # the workers' sampling: valid
+        SamplingParams(self.worker_tokens or 1, self.temperature, 0.95, self.seed)  # the workers' sampling: valid
+
+    def budget(self, task: str) -> tuple[int, int]:
+        """(worker tokens, answer tokens) for `task`."""
+        workers, answer = BUDGETS[T.task(task).kind]
+        return self.worker_tokens or workers, self.answer_tokens or answer
 
 
 def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
@@ -96,14 +117,13 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
                   trained: Synthesizer | None) -> dict:
     roles = ([f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
              if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
-    sampling = SamplingParams(config.worker_tokens, config.temperature, 0.95, config.seed)
+    worker_tokens, answer_tokens = config.budget(item.task)
+    sampling = SamplingParams(worker_tokens, config.temperature, 0.95, config.seed)
     t0 = time.perf_counter()
     f = fork(lm, item.question, workers=len(roles), roles=roles, sampling=sampling)
     workers_s = time.perf_counter() - t0
-    answer = SamplingParams(config.answer_tokens, 0.0)
-    results = {}
-    for method in methods:
-        results[method] = _method(lm, item, f, method, answer, trained)
+    answer = SamplingParams(answer_tokens, 0.0)
+    results = {method: _method(lm, item, f, method, answer, trained) for method in methods}
     for r in results.values():
         r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
     text = results.get("text")
@@ -113,32 +133,56 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
         r["identical"] = r["answer"] == text["answer"] if compared else None
     return {
         "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
-        "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids)} for b in f.branches],
+        "prefix_ids": list(f.prefix_ids),
+        "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
+                     for b in f.branches],
         "workers_s": workers_s, "methods": results,
     }
 
 
+CACHE_METHODS = {
+    "text": dict(route="text"),
+    "cache-parallel": dict(route="cache", layout="parallel"),
+    "cache-sequential": dict(route="cache", layout="sequential"),
+    "cacheblend": dict(route="cache", layout="sequential", options=BLEND),
+    "ape": dict(route="cache", layout="parallel", options=APE),
+    "cache-recompute": dict(route="cache", layout="parallel", options=RECOMPUTE),
+    "relay": dict(route="cache", layout="sequential", options=RELAY),
+}
+
+
 def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trained: Synthesizer | None) -> dict:
     if method == "single":
-        t0 = time.perf_counter()
-        first = []
-        alone = fork(lm, item.question, workers=1, sampling=sampling,
-                     on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
-        end = time.perf_counter()
-        b = alone.branches[0]
-        return {"answer": b.text, "ttft_s": first[0] - t0, "latency_s": end - t0,
-                "prefill_tokens": len(alone.prefix_ids) + len(b.token_ids) - b.generated}
-    kwargs = {
-        "text": dict(route="text"),
-        "cache-parallel": dict(route="cache", layout="parallel"),
-        "cache-sequential": dict(route="cache", layout="sequential"),
-        "cache-trained": dict(route="cache", synthesizer=trained),
-        "cacheblend": dict(route="cache", layout="sequential", options=BLEND),
-        "ape": dict(route="cache", layout="parallel", options=APE),
-    }[method]
+        return _single(lm, item, sampling)
+    if method == "vote":
+        return _vote(item, f)
+    kwargs = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
     s = synthesize(lm, f, sampling=sampling, **kwargs)
     return {"answer": s.answer, "ttft_s": s.ttft_s, "latency_s": s.total_s, "prefill_tokens": s.prefill_tokens,
             "provenance": [asdict(p) for p in s.provenance]}
+
+
+def _single(lm: LM, item: T.Item, sampling: SamplingParams) -> dict:
+    t0 = time.perf_counter()
+    first = []
+    alone = fork(lm, item.question, workers=1, sampling=sampling,
+                 on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
+    end = time.perf_counter()
+    b = alone.branches[0]
+    return {"answer": b.text, "ttft_s": first[0] - t0, "latency_s": end - t0,
+            "prefill_tokens": len(alone.prefix_ids) + len(b.token_ids) - b.generated}
+
+
+def _vote(item: T.Item, f) -> dict:
+    """The most common final answer among the workers (ties: the earliest worker's); the answer is the
+    text of the first worker that gave it. Nothing is decoded, so its times are those of the count."""
+    t0 = time.perf_counter()
+    finals = [final_answer(item, b.text) for b in f.branches]
+    counts = {a: finals.count(a) for a in finals}
+    winner = max(finals, key=lambda a: (bool(a), counts[a]))  # an answer beats no answer; max keeps the first
+    elapsed = time.perf_counter() - t0
+    return {"answer": f.branches[finals.index(winner)].text, "ttft_s": elapsed, "latency_s": elapsed,
+            "prefill_tokens": 0, "votes": counts[winner]}
 
 
 def final_answer(item: T.Item, text: str) -> str:
@@ -183,6 +227,8 @@ def _check_config(path: Path, config: EvalConfig) -> None:
 
 
 def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], lm: LM, command: str) -> dict:
+    """One row per (task, method): accuracy with its interval, then the paired comparison with text
+    synthesis on the same items (difference, regressions, rescues), agreement, TTFT and prefill."""
     table = []
     groups = [(task, [r for r in rows if r["task"] == task]) for task in config.tasks]
     if len(config.tasks) > 1:
@@ -190,20 +236,25 @@ def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], 
     for task, mine in groups:
         for method in methods:
             got = [r["methods"][method] for r in mine if method in r["methods"]]
-            if not got:
-                continue
-            agree = [g["agrees"] for g in got if g.get("agrees") is not None]
-            same = [g["identical"] for g in got if g.get("identical") is not None]
-            ttft = sorted(g["ttft_s"] for g in got)
-            table.append({
-                "task": task, "method": method, "n": len(got),
-                "accuracy": sum(bool(g["score"]) for g in got) / len(got),
-                "agreement": sum(agree) / len(agree) if agree else None,
-                "identical": sum(same) / len(same) if same else None,
-                "ttft_median_s": statistics.median(ttft),
-                "ttft_p90_s": ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
-                "prefill_tokens_mean": statistics.mean(g["prefill_tokens"] for g in got),
-                "latency_median_s": statistics.median(g["latency_s"] for g in got),
-            })
+            if got:
+                table.append({"task": task, "method": method, **_row(mine, method, got)})
     return {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "environment": environment(lm), "config": asdict(config), "rows": table}
+
+
+def _row(items: Sequence[dict], method: str, got: Sequence[dict]) -> dict:
+    row = {**S.accuracy([bool(g["score"]) for g in got]), "smoke": len(got) < S.SMOKE}
+    both = [r["methods"] for r in items if method in r["methods"] and "text" in r["methods"]]
+    if method != "text" and both:
+        row["vs_text"] = S.paired([bool(m[method]["score"]) for m in both], [bool(m["text"]["score"]) for m in both])
+    agree = [g["agrees"] for g in got if g.get("agrees") is not None]
+    same = [g["identical"] for g in got if g.get("identical") is not None]
+    ttft = sorted(g["ttft_s"] for g in got)
+    return {**row,
+            "agreement": sum(agree) / len(agree) if agree else None,
+            "identical": sum(same) / len(same) if same else None,
+            "ttft_median_s": statistics.median(ttft),
+            "ttft_mean_s": statistics.mean(ttft),
+            "ttft_p90_s": ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
+            "prefill_tokens_mean": statistics.mean(g["prefill_tokens"] for g in got),
+            "latency_median_s": statistics.median(g["latency_s"] for g in got)}

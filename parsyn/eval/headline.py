@@ -1,0 +1,81 @@
+"""The report's lead: accuracy with intervals, the paired difference from text synthesis, regressions and
+rescues, and on how many tasks each method holds parity with text. Agreement and timings come after."""
+
+from __future__ import annotations
+
+import html
+
+from matplotlib.figure import Figure
+
+from .stats import SMOKE
+
+PARITY = -0.03  # a method holds parity on a task when its paired interval does not go below -3 points
+
+
+def flat(row: dict) -> dict:
+    """A summary row with its intervals as text, for a table."""
+    out = dict(row)
+    if row.get("accuracy_ci"):
+        low, high = row["accuracy_ci"]
+        out["accuracy_text"] = f"{100 * row['accuracy']:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+    versus = row.get("vs_text")
+    if versus:
+        low, high = versus["diff_ci"]
+        out["diff_text"] = f"{100 * versus['diff']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+        out |= {k: versus[k] for k in ("regressions", "rescues", "regression_rate")}
+    return out
+
+
+def parity(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per method: (tasks where its paired interval's low end is at or above PARITY, tasks compared)."""
+    counts: dict[str, list[int]] = {}
+    for r in rows:
+        if r["task"] != "all" and r.get("vs_text"):
+            held, seen = counts.setdefault(r["method"], [0, 0])
+            counts[r["method"]] = [held + (r["vs_text"]["diff_ci"][0] >= PARITY), seen + 1]
+    return {m: (held, seen) for m, (held, seen) in counts.items()}
+
+
+def lead(rows: list[dict]) -> str:
+    """HTML: a smoke-test warning when any task has fewer than SMOKE items, and the parity count."""
+    parts = []
+    small = sorted({r["task"] for r in rows if r["task"] != "all" and r["n"] < SMOKE})
+    if small:
+        parts.append(f'<p class="warn"><b>Smoke test</b>: fewer than {SMOKE} items on '
+                     f"{html.escape(', '.join(small))}; these figures show the harness, not a result.</p>")
+    counts = parity(rows)
+    if counts:
+        items = "".join(f"<li>{html.escape(m)}: {held} of {seen}</li>" for m, (held, seen) in counts.items())
+        parts.append(f"<p>Tasks where a method is at least as accurate as text synthesis (paired 95% interval "
+                     f"of the difference not below {100 * PARITY:+.0f} points):</p><ul>{items}</ul>")
+    return "\n".join(parts)
+
+
+def diff_plot(rows: list[dict]) -> Figure | None:
+    """The paired difference from text per method (points with 95% intervals), one panel row per task."""
+    shown = [r for r in rows if r.get("vs_text")]
+    if not shown:
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in shown))
+    methods = list(dict.fromkeys(r["method"] for r in shown))
+    fig = Figure(figsize=(7.5, 0.9 + 0.32 * len(tasks) * len(methods)), layout="constrained")
+    ax = fig.add_subplot()
+    y, ticks = 0, []
+    for task in tasks:
+        for method in methods:
+            r = next((r for r in shown if r["task"] == task and r["method"] == method), None)
+            if r is None:
+                continue
+            d, (low, high) = r["vs_text"]["diff"], r["vs_text"]["diff_ci"]
+            ax.errorbar(100 * d, y, xerr=[[100 * (d - low)], [100 * (high - d)]], fmt="o", capsize=3,
+                        color=f"C{methods.index(method) % 10}")
+            ticks.append((y, f"{task} · {method}"))
+            y -= 1
+        y -= 0.6
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(100 * PARITY, color="C3", lw=0.8, ls="--")
+    ax.set_yticks([t for t, _ in ticks], [label.replace("$", r"\$") for _, label in ticks], fontsize=7)
+    ax.set(xlabel="accuracy minus text synthesis (points, paired 95% interval)",
+           title="Paired difference from text synthesis")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
