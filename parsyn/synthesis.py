@@ -31,6 +31,7 @@ from .workers import Fork, answer_text
 
 ROUTES = ("text", "cache")
 SYNTH_SAMPLING = SamplingParams(max_new_tokens=128, temperature=0.0)
+FIRST_TOP = 16  # first-token alternatives a Synthesis reports (signals for choosing a route)
 
 
 class Trained(Protocol):
@@ -57,6 +58,7 @@ class Synthesis:
     total_s: float               # call -> last token
     prefill_tokens: int          # tokens run through the model before the first token
     provenance: tuple[Span, ...]
+    first_top: tuple[tuple[int, float], ...] = ()  # the FIRST_TOP likeliest first tokens: (id, log-probability)
 
 
 @dataclass(eq=False)
@@ -179,8 +181,15 @@ def synthesize(
                 on_token(e.id)
     result = batch.results["answer"]
     used = settings(synthesizer, layout, options)[0] if route == "cache" else None
-    return Synthesis(route, used, answer_text(lm, result), result.tokens, first - t0, time.perf_counter() - t0,
-                     ready.prefill_tokens, ready.spans)
+    total = time.perf_counter() - t0
+    return Synthesis(route, used, answer_text(lm, result), result.tokens, first - t0, total, ready.prefill_tokens,
+                     ready.spans, top_logprobs(ready.logits[0], FIRST_TOP))
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest tokens of one distribution's logits [V] as (id, log-probability), likeliest first."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return tuple(zip(ids.tolist(), values.tolist()))
 
 
 def _text_spans(fork: Fork, prompt_ids: Sequence[int]) -> tuple[Span, ...]:

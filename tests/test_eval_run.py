@@ -146,3 +146,32 @@ def test_budgets_follow_the_task_kind_unless_set():
     config = EvalConfig(tasks=("gsm8k", "boolq"))
     assert config.budget("gsm8k") == BUDGETS["number"] and config.budget("boolq") == BUDGETS["yesno"]
     assert EvalConfig(tasks=("gsm8k",), answer_tokens=5).budget("gsm8k") == (BUDGETS["number"][0], 5)
+
+
+def test_a_synthesizer_that_fits_later_completes_the_finished_items_on_their_branches(tmp_path, tokenizer,
+                                                                                       monkeypatch):
+    from parsyn import adapter as A
+    from parsyn.mapper import MapperConfig
+
+    lm = tiny_lm("llama", tokenizer)
+    monkeypatch.setattr(A, "PACKAGED", tmp_path / "packaged")
+    config = EvalConfig(tasks=("boolq",), methods=("text", "cache-parallel", "cache-trained"),
+                        **{**SMALL, "adapter": "auto"})
+    first = run(lm, config, tmp_path / "eval")
+    before = read_predictions(tmp_path / "eval" / "predictions.jsonl")
+    assert {s["method"] for s in first["rows"]} == {"text", "cache-parallel"}  # none fits yet
+    trained = A.attach(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")))
+    torch.manual_seed(0)
+    for p in trained.parameters():  # away from the identity, so that it changes answers
+        p.data.normal_(0, 0.5)
+    A.save(trained, lm, tmp_path / "packaged" / "tiny")
+    again = run(lm, config, tmp_path / "eval")
+    after = read_predictions(tmp_path / "eval" / "predictions.jsonl")
+    assert [r["id"] for r in after] == [r["id"] for r in before]  # each item once, in its place
+    for old, new in zip(before, after):
+        assert {k: v for k, v in new.items() if k != "methods"} == {k: v for k, v in old.items() if k != "methods"}
+        assert {m: new["methods"][m] for m in old["methods"]} == old["methods"]  # what was there is kept
+        assert new["methods"]["cache-trained"]["agrees"] == (
+            new["methods"]["cache-trained"]["final"] == old["methods"]["text"]["final"])
+    assert {s["method"] for s in again["rows"]} == {"text", "cache-parallel", "cache-trained"}
+    A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))

@@ -185,3 +185,16 @@ def test_code_extraction_prefers_the_block_that_defines_something():
     text = "Usage:\n```\nf(1)\n```\nCode:\n```python\ndef f(x):\n    return x\n```\n```python\nprint(f(2))\n```"
     assert T.extract("code", text) == "def f(x):\n    return x\n"
     assert T.extract("mbpp", "def f(x):\n    return x") == "def f(x):\n    return x"
+
+
+def test_facts_items_spread_their_facts_over_workers_and_stay_out_of_training_and_the_probe():
+    from parsyn import probe as P
+
+    items = T.load("facts", limit=50, seed=0)
+    assert len(items) == 50 and len({i.id for i in items}) == 50
+    probe = {i.id for i in P.probe_items(100)}
+    for item in items:
+        seed = int(item.id.removeprefix("facts-"))
+        assert seed in P.PROBE_SEEDS and seed not in P.TRAIN_SEEDS and item.id not in probe
+        assert 2 <= len(item.evidence) <= 4 and sum(item.gold[0] in e for e in item.evidence) >= 1
+        assert T.score(item, f"It is {item.gold[0]}.") and not T.score(item, "I do not know.")

