@@ -170,8 +170,18 @@ def synthesize(
     its aid recomputes the first tokens of every branch) and `options` (training-free variants; default:
     the synthesizer's aid). The text route always runs the base model. on_token(id) reports each token."""
     t0 = time.perf_counter()
-    ready, batch = _start(lm, fork, sampling, dict(route=route, layout=layout, instruction=instruction,
-                                                   synthesizer=synthesizer, options=options))
+    ready = prepare(lm, fork, route=route, layout=layout, instruction=instruction, synthesizer=synthesizer,
+                    options=options, max_new_tokens=sampling.max_new_tokens)
+    used = settings(synthesizer, layout, options)[0] if route == "cache" else None
+    return finish(lm, ready, sampling, t0, layout=used, synthesizer=synthesizer, on_token=on_token)
+
+
+def finish(lm: LM, ready: Prepared, sampling: SamplingParams, t0: float, *, layout: str | None,
+           synthesizer: Trained | None = None, on_token=None) -> Synthesis:
+    """Decode a prepared route to its end; times count from `t0`. `layout` None means the text route
+    (which never runs the adapter)."""
+    trained = synthesizer if layout is not None else None
+    batch = Batch(lm, ready.state, ready.logits, [Row("answer", sampling)], adapter=trained)
     first = None
     for events in batch.steps():
         if first is None:
@@ -180,10 +190,9 @@ def synthesize(
             for e in events:
                 on_token(e.id)
     result = batch.results["answer"]
-    used = settings(synthesizer, layout, options)[0] if route == "cache" else None
     total = time.perf_counter() - t0
-    return Synthesis(route, used, answer_text(lm, result), result.tokens, first - t0, total, ready.prefill_tokens,
-                     ready.spans, top_logprobs(ready.logits[0], FIRST_TOP))
+    return Synthesis("text" if layout is None else "cache", layout, answer_text(lm, result), result.tokens,
+                     first - t0, total, ready.prefill_tokens, ready.spans, top_logprobs(ready.logits[0], FIRST_TOP))
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:

@@ -142,9 +142,31 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["train", "no/such.jsonl", "run", "--recipe", "nosuch"], "unknown recipe"),
         (["fidelity", "auto", "--data", "x.jsonl", "--probe", "-5"], "--probe must be >= 0"),
         (["bench", "--device", "tpu9"], "not a device"),
+        (["calibrate", "x", "--max-regress", "1.5"], "must be a fraction in [0, 1]"),
+        (["calibrate", "no/such/folder"], "no finished evaluation items"),
+        (["run", "Why?", "--route", "auto"], "--route auto needs --gate FILE"),
+        (["run", "Why?", "--gate", "g.json"], "--gate applies to --route auto only"),
     ],
 )
 def test_program_commands_refuse_bad_input_in_one_line(args, message, capsys, monkeypatch):
     code, stderr = refused(args, args[0] != "train", capsys, monkeypatch)
     lines = stderr.strip().splitlines()
     assert code != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in stderr, stderr
+
+
+def test_calibrate_then_run_the_gate(tmp_path, tiny_folder):
+    done = parsyn("eval", "--tasks", "boolq,facts", "--methods", "text,cache-parallel,cache-sequential,cache-recompute",
+                  "--limit", "4", "--workers", "2", "--max-new-tokens", "3", "--adapter", "none", "--model",
+                  str(tiny_folder), "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    done = parsyn("calibrate", str(tmp_path / "eval"), "--max-regress", "0")
+    assert done.returncode == 0, done.stderr
+    gate = json.loads((tmp_path / "eval" / "gate.json").read_text())
+    assert gate["format"] == "parsyn-gate" and gate["max_regress"] == 0 and gate["calibration"]["regression_rate"] == 0
+    assert (tmp_path / "eval" / "tradeoff.png").is_file() and "auto ≤2%" in done.stdout
+    done = parsyn("run", "Who lives in Oslo?", "--branch", "Vera lives in Oslo.", "--branch", "Ann lives in Lima.",
+                  "--route", "auto", "--gate", str(tmp_path / "eval" / "gate.json"), "--adapter", "none",
+                  "--max-new-tokens", "4", "--model", str(tiny_folder), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["auto"]["choice"] in ("cache", "recompute", "text") and "auto" in report["routes"]

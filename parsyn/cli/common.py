@@ -54,6 +54,7 @@ class Route(str, Enum):
     text = "text"
     cache = "cache"
     both = "both"
+    auto = "auto"
 
 
 class Layout(str, Enum):

@@ -136,3 +136,42 @@ def report(
     err.print(f"report: {write_report(results, bench=bench_files or None)}")
 
 
+
+
+@app.command()
+def calibrate(
+    results: Annotated[Path, typer.Argument(help="Folder of `parsyn eval` (holds predictions.jsonl).")],
+    max_regress: Annotated[float, typer.Option(
+        help="Regression budget: the largest share of items where text is right and auto is wrong.")] = 0.02,
+    out: Annotated[Optional[Path], typer.Option(help="Gate file to write (default RESULTS/gate.json).")] = None,
+) -> None:
+    """Calibrate route=auto on an evaluation's items for a regression budget; plot the trade-off."""
+    from ..auto import check_budget
+
+    check_budget(max_regress)  # before anything is read
+    from ..eval import gate as G
+    from ..eval.run import read_predictions
+    from ..files import write_json
+
+    rows = read_predictions(results / "predictions.jsonl") if (results / "predictions.jsonl").is_file() else []
+    if not rows:
+        raise ValueError(f"no finished evaluation items in {results / 'predictions.jsonl'}")
+    trained = any("cache-trained" in r["methods"] for r in rows)
+    cache = "cache-trained" if trained else "cache-parallel"
+    summary = results / "summary.json"
+    model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
+    gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model)
+    target = out or results / "gate.json"
+    gate.save(target)
+    tradeoff = G.tradeoff(rows, cache, trained=trained)
+    write_json(results / "tradeoff.json", tradeoff)
+    figure = G.pareto_plot(tradeoff)
+    if figure is not None:
+        figure.savefig(results / "tradeoff.png", dpi=110)
+    c = gate.calibration
+    err.print(f"gate: {target} ({gate.signal}, cache below {gate.cache_below:.3f}, recompute below "
+              f"{gate.recompute_below:.3f}); on all {c['n']} items: accuracy {100 * c['accuracy']:.1f}%, regressions "
+              f"{100 * c['regression_rate']:.1f}%, mean TTFT {1000 * c['ttft_mean_s']:.0f} ms, chose {c['chosen']}")
+    for p in tradeoff["points"]:
+        print(f"{p['method']:>18}  n={p['n']:<4} accuracy {100 * p['accuracy']:5.1f}%  regressions "
+              f"{100 * p['regression_rate']:5.1f}%  mean TTFT {1000 * p['ttft_mean_s']:6.0f} ms")

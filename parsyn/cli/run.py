@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +23,8 @@ def run(
     role: Annotated[Optional[list[str]], typer.Option("--role", help="A role instruction per worker (repeat).")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(
         "--branch", help="A ready branch text instead of running workers (repeat).")] = None,
-    route: Annotated[Route, typer.Option(help="Synthesis route.")] = Route.both,
+    route: Annotated[Route, typer.Option(help="Synthesis route (auto: the calibrated gate of --gate).")] = Route.both,
+    gate: Annotated[Optional[Path], typer.Option(help="Gate file of `parsyn calibrate`, for --route auto.")] = None,
     layout: Annotated[Optional[Layout], typer.Option(
         help="Position layout of the cache route (default: the adapter's, else parallel).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit for each worker and for the synthesizer.")] = 128,
@@ -49,6 +51,7 @@ def run(
         raise ValueError("the question is empty")
     if not branch and workers < 1:
         raise ValueError(f"need at least one worker, got {workers}")
+    chosen_gate = _gate(route, gate)
     lm = load_model(model)
     from ..adapter import resolve
 
@@ -62,14 +65,37 @@ def run(
                      on_token=on_token)
     routes = ["text", "cache"] if route == Route.both else [route.value]
     chosen = layout.value if layout else None
-    results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained)
-               for r in routes}
+    decision = None
+    if route == Route.auto:
+        from ..auto import synthesize_auto
+
+        results = {}
+        results["auto"], decision = synthesize_auto(lm, f, chosen_gate, sampling=synth_sampling, synthesizer=trained)
+    else:
+        results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained)
+                   for r in routes}
+    if decision is not None and not as_json:
+        err.print(f"auto: risk {decision['risk']:.3f} ({decision['signal']}) → {decision['choice']}")
     if as_json:
         report = _as_dict(f, results, lm.name)
+        report["auto"] = decision
         report["adapter"] = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"
         print(json.dumps(report, indent=2))
     else:
         _show(f, results, trained=trained is not None)
+
+
+def _gate(route, path: Optional[Path]):
+    """The gate for --route auto, read before the model loads; --gate is refused with any other route."""
+    if route != Route.auto:
+        if path is not None:
+            raise ValueError("--gate applies to --route auto only")
+        return None
+    if path is None:
+        raise ValueError("--route auto needs --gate FILE (make one with `parsyn calibrate RESULTS --max-regress X`)")
+    from ..auto import Gate
+
+    return Gate.load(path)
 
 
 def _as_dict(f, results, model_name: str) -> dict:

@@ -26,6 +26,7 @@ and timings; a killed run resumes after its last complete line, counting nothing
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -92,12 +93,13 @@ class EvalConfig:
 
 def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
         progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json)."""
+    """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json). Items are
+    taken in turn from each task, so a run stopped early has about as many items of every task."""
     out = Path(out)
     trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None  # refusals come first,
     methods = [m for m in config.methods if m != "cache-trained" or trained is not None]  # before any file
-    items = [item for task in config.tasks
-             for item in T.load(task, limit=config.limit, seed=config.seed, parts=config.workers)]
+    per_task = [T.load(task, limit=config.limit, seed=config.seed, parts=config.workers) for task in config.tasks]
+    items = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
     _check_config(out / "config.json", config)
     path = out / "predictions.jsonl"
     ids = {item.id for item in items}
@@ -235,7 +237,8 @@ def _check_prediction(row: dict) -> None:
 
 
 def _check_config(path: Path, config: EvalConfig) -> None:
-    mine = json.loads(json.dumps(asdict(config)))
+    budgets = {task: config.budget(task) for task in config.tasks}  # what the code's defaults resolve to
+    mine = json.loads(json.dumps({**asdict(config), "budgets": budgets}))
     if path.exists():
         if read_json(path, "evaluation settings") != mine:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; "

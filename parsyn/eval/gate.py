@@ -1,0 +1,137 @@
+"""Calibrating `route="auto"` on evaluation records, and the accuracy/regression-against-TTFT trade-off.
+
+Every finished item of a `parsyn eval` run holds, per method, its score, its time to first token and its
+first-token alternatives, all on the same branches. So the gate can be replayed offline: for thresholds
+(a, b) an item whose risk is below a takes the cache route, below b the cache route with recomputed tokens,
+else text; its time to first token is the cache route's (plus the other layout's for the `layouts`
+signal), plus the route it falls back to. Items are split in two by a hash of their id: thresholds are
+chosen on one half (the fewest seconds within the regression budget) and reported on the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+
+from matplotlib.figure import Figure
+
+from ..auto import SIGNALS, Gate, check_budget, risk
+
+RECOMPUTE = "cache-recompute"
+BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+CUTS = 40  # thresholds tried per signal: the risks' 40-quantiles
+FIXED = ("text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute", "cacheblend", "ape",
+         "relay")
+
+
+def half(item_id: str) -> int:
+    """0 (calibration) or 1 (held out), from a hash of the id: the same split for every run."""
+    return hashlib.sha256(item_id.encode()).digest()[0] & 1
+
+
+def cases(rows: Sequence[dict], cache: str) -> list[dict]:
+    """Per item that ran every method the gate needs: its risks, scores and times by choice."""
+    other = "cache-sequential" if cache != "cache-sequential" else "cache-parallel"
+    need = {cache, other, RECOMPUTE, "text"}
+    out = []
+    for r in rows:
+        m = r["methods"]
+        if not need <= m.keys() or not all(m[k].get("first_top") for k in (cache, other)):
+            continue
+        out.append({"id": r["id"], "task": r["task"],
+                    "risk": {"confidence": risk(m[cache]["first_top"]),
+                             "layouts": risk(m[cache]["first_top"], m[other]["first_top"])},
+                    "score": {"cache": m[cache]["score"], "recompute": m[RECOMPUTE]["score"],
+                              "text": m["text"]["score"]},
+                    "ttft": {"cache": m[cache]["ttft_s"], "other": m[other]["ttft_s"],
+                             "recompute": m[RECOMPUTE]["ttft_s"], "text": m["text"]["ttft_s"]}})
+    return out
+
+
+def replay(items: Sequence[dict], gate: Gate) -> dict:
+    """What the gate would have done on `items`: accuracy, regressions (text right, gate wrong), mean TTFT
+    and how often it chose each route."""
+    if not items:
+        raise ValueError("no items to replay the gate on")
+    chosen, right, regress, ttft = {"cache": 0, "recompute": 0, "text": 0}, 0, 0, []
+    for c in items:
+        choice = gate.choose(c["risk"][gate.signal])
+        chosen[choice] += 1
+        right += bool(c["score"][choice])
+        regress += bool(c["score"]["text"]) and not c["score"][choice]
+        spent = c["ttft"]["cache"] + (c["ttft"]["other"] if gate.signal == "layouts" else 0.0)
+        ttft.append(spent + (c["ttft"][choice] if choice != "cache" else 0.0))
+    n = len(items)
+    return {"n": n, "accuracy": right / n, "regression_rate": regress / n, "ttft_mean_s": statistics.mean(ttft),
+            "chosen": chosen}
+
+
+def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model: str = "") -> Gate:
+    """The gate with the lowest mean TTFT on `items` whose regression rate stays within `max_regress`
+    (always-text, thresholds 0 and 0, has none, so one always exists)."""
+    check_budget(max_regress)
+    if not items:
+        raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
+                         f"layouts, {RECOMPUTE}); run `parsyn eval` with them")
+    best = None
+    for signal in SIGNALS:
+        risks = sorted(c["risk"][signal] for c in items)
+        quantiles = {risks[min(len(risks) - 1, round(q * (len(risks) - 1) / CUTS))] for q in range(CUTS + 1)}
+        cuts = sorted({0.0, 1.0 + 1e-6, *(r + 1e-9 for r in quantiles)})  # just above a risk: that item passes
+        for i, low in enumerate(cuts):
+            for high in cuts[i:]:
+                gate = Gate(signal, low, high, trained=trained, max_regress=max_regress, model=model)
+                got = replay(items, gate)
+                key = (got["ttft_mean_s"], got["regression_rate"])
+                if got["regression_rate"] <= max_regress + 1e-12 and (best is None or key < best[0]):
+                    best = (key, gate, got)
+    return replace(best[1], calibration=best[2])
+
+
+def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
+    """Fixed methods and the gate at several budgets, all measured on the held-out half (the gate
+    calibrated on the other half): accuracy, regressions and mean TTFT of each."""
+    items = cases(rows, cache)
+    calib, held = [c for c in items if half(c["id"]) == 0], [c for c in items if half(c["id"]) == 1]
+    held_ids = {c["id"] for c in held}
+    points = []
+    for method in FIXED:
+        got = [r["methods"] for r in rows if r["id"] in held_ids and method in r["methods"]]
+        if got:
+            points.append({"method": method, "n": len(got),
+                           "accuracy": sum(bool(m[method]["score"]) for m in got) / len(got),
+                           "regression_rate": sum(bool(m["text"]["score"]) and not m[method]["score"]
+                                                  for m in got) / len(got),
+                           "ttft_mean_s": statistics.mean(m[method]["ttft_s"] for m in got)})
+    for budget in BUDGETS:
+        if calib and held:
+            gate = calibrate(calib, budget, trained=trained)
+            points.append({"method": f"auto ≤{100 * budget:g}%", "budget": budget, "gate": asdict(gate),
+                           **replay(held, gate)})
+    return {"cache_method": cache, "calibration_items": len(calib), "held_out_items": len(held), "points": points}
+
+
+def pareto_plot(result: dict) -> Figure | None:
+    """Regressions and accuracy against mean TTFT, one point per fixed method, a line for the gate."""
+    points = result["points"]
+    if not points:
+        return None
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    for ax, key, label in zip(fig.subplots(1, 2), ("regression_rate", "accuracy"),
+                              ("regressions (text right, method wrong, %)", "accuracy (%)")):
+        auto = [p for p in points if "budget" in p]
+        for i, p in enumerate(p for p in points if "budget" not in p):
+            ax.scatter(p["ttft_mean_s"], 100 * p[key], color=f"C{i % 10}", label=p["method"], zorder=3)
+        if auto:
+            ax.plot([p["ttft_mean_s"] for p in auto], [100 * p[key] for p in auto], "k-o", ms=3, label="auto",
+                    zorder=2)
+            for p in auto:
+                ax.annotate(p["method"].removeprefix("auto "), (p["ttft_mean_s"], 100 * p[key]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="mean time to first token (s, log)", ylabel=label)
+        ax.grid(alpha=0.3)
+    fig.axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"Held-out half ({result['held_out_items']} items); auto calibrated on the other half")
+    return fig

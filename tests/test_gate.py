@@ -1,0 +1,92 @@
+"""route="auto": the risk score, each choice against the route it stands for, calibration within a budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import tiny_lm
+
+from parsyn.auto import Gate, risk, synthesize_auto
+from parsyn.eval import gate as G
+from parsyn.eval.run import EvalConfig, read_predictions, run
+from parsyn.sampling import SamplingParams
+from parsyn.synthesis import CacheOptions, synthesize
+from parsyn.workers import from_texts
+
+GREEDY = SamplingParams(6, 0.0)
+
+
+def test_risk_reads_doubt_and_layout_disagreement():
+    sure = [(1, math.log(0.98)), (2, math.log(0.01))]
+    torn = [(1, math.log(0.5)), (2, math.log(0.45))]
+    assert risk(sure) == pytest.approx(0.02) and risk(torn) == pytest.approx(0.5)
+    assert risk(sure, sure) == pytest.approx(0.01)  # same distribution in both layouts: doubt / 2
+    flipped = [(2, math.log(0.98)), (1, math.log(0.01))]
+    assert risk(sure, flipped) == pytest.approx(0.5 * (0.02 + 0.97))
+
+
+@pytest.mark.parametrize("gate, choice, same_as", [
+    (Gate(cache_below=2, recompute_below=2), "cache", dict(route="cache")),
+    (Gate(cache_below=0, recompute_below=2, recompute=3), "recompute",
+     dict(route="cache", options=CacheOptions(recompute=3))),
+    (Gate(cache_below=0, recompute_below=0), "text", dict(route="text")),
+    (Gate(signal="layouts", cache_below=0, recompute_below=0), "text", dict(route="text")),
+])
+def test_each_choice_is_the_route_it_stands_for(tokenizer, gate, choice, same_as):
+    lm = tiny_lm("qwen3", tokenizer)
+    f = from_texts(lm, "Who lives where?", ["Vera lives in Oslo.", "Ann lives in Lima and likes coffee."])
+    got, decision = synthesize_auto(lm, f, gate, sampling=GREEDY)
+    want = synthesize(lm, f, sampling=GREEDY, **same_as)
+    assert got.token_ids == want.token_ids and got.prefill_tokens == want.prefill_tokens
+    assert got.route == want.route and decision["choice"] == choice and 0 <= decision["risk"] <= 1
+
+
+def test_a_gate_round_trips_and_bad_ones_are_refused(tmp_path):
+    gate = Gate("layouts", 0.1, 0.3, max_regress=0.02, model="m", calibration={"n": 5})
+    gate.save(tmp_path / "gate.json")
+    assert Gate.load(tmp_path / "gate.json") == gate
+    for bad, message in ((dict(max_regress=1.5), r"in \[0, 1\]"), (dict(max_regress=-0.1), r"in \[0, 1\]"),
+                         (dict(signal="vibes"), "unknown gate signal"),
+                         (dict(cache_below=0.5, recompute_below=0.2), "cache_below <= recompute_below")):
+        with pytest.raises(ValueError, match=message):
+            Gate(**bad)
+    (tmp_path / "other.json").write_text('{"format": "something"}')
+    with pytest.raises(ValueError, match="not a parsyn gate file"):
+        Gate.load(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="calibrated without a trained synthesizer"):
+        synthesize_auto(None, None, Gate(), synthesizer=object())
+
+
+def case(i, risk_, cache_right, text_right=True):
+    return {"id": f"x{i}", "task": "t", "risk": {"confidence": risk_, "layouts": risk_},
+            "score": {"cache": cache_right, "recompute": cache_right, "text": text_right},
+            "ttft": {"cache": 0.1, "other": 0.1, "recompute": 0.15, "text": 1.0}}
+
+
+def test_calibration_keeps_within_the_budget_and_sends_only_risky_items_to_text():
+    items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]  # the cache route fails above 0.7
+    strict = G.calibrate(items, 0.0, trained=False)
+    got = G.replay(items, strict)
+    assert got["regression_rate"] == 0 and got["chosen"]["cache"] >= 60 and got["ttft_mean_s"] < 0.5
+    loose = G.replay(items, G.calibrate(items, 0.2, trained=False))
+    assert loose["regression_rate"] <= 0.2 and loose["ttft_mean_s"] <= got["ttft_mean_s"]
+    assert G.replay(items, G.calibrate(items, 1.0, trained=False))["chosen"]["cache"] == 100
+    with pytest.raises(ValueError, match="no evaluation item"):
+        G.calibrate([], 0.02, trained=False)
+
+
+def test_the_tradeoff_is_measured_from_evaluation_records(tmp_path, tokenizer):
+    lm = tiny_lm("llama", tokenizer)
+    config = EvalConfig(tasks=("boolq", "facts"), methods=("text", "cache-parallel", "cache-sequential",
+                                                          "cache-recompute", "cacheblend"),
+                        limit=6, workers=2, worker_tokens=4, answer_tokens=3, adapter="none")
+    run(lm, config, tmp_path)
+    rows = read_predictions(tmp_path / "predictions.jsonl")
+    result = G.tradeoff(rows, "cache-parallel", trained=False)
+    assert result["calibration_items"] + result["held_out_items"] == 12
+    methods = [p["method"] for p in result["points"]]
+    assert {"text", "cache-parallel", "cacheblend"} <= set(methods) and "auto ≤2%" in methods
+    text = next(p for p in result["points"] if p["method"] == "text")
+    assert text["regression_rate"] == 0
+    assert G.pareto_plot(result) is not None
