@@ -2,7 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.parsyn-installed
-QUESTION ?= A farmer has 17 sheep and all but 9 run away. How many sheep are left?
+# The demo: three workers each hold one note (the workflow parsyn is for: branches that read different
+# evidence); the synthesizer must combine them.
+QUESTION ?= When and where is the team meeting, and what should people bring? Answer in one sentence.
+NOTE1 ?= Your note says: the team meeting is on Thursday at 10:00.
+NOTE2 ?= Your note says: the meeting takes place in room 204.
+NOTE3 ?= Your note says: everyone should bring their laptop.
 
 .PHONY: install demo test bench clean
 
@@ -22,7 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/parsyn run "$(QUESTION)" --workers 3 --route both --layout parallel --max-new-tokens 96
+	$(VENV)/bin/parsyn run "$(QUESTION)" --role "$(NOTE1)" --role "$(NOTE2)" --role "$(NOTE3)" \
+		--route both --layout parallel --max-new-tokens 48
 
 test: install
 	$(VENV)/bin/ruff check parsyn tests benchmarks
