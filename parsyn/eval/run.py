@@ -1,7 +1,7 @@
 """The evaluation harness: workers run once per item, every method synthesizes from those same branches.
 
 Methods:
-- `single`: one agent answers alone (no workers, no synthesis);
+- `single`: one agent answers alone, greedily, with a worker's token budget (no workers, no synthesis);
 - `vote`: majority voting over the workers' final answers (the paper's baseline; no synthesis, so no
   time to first token beyond the workers');
 - `text`: text synthesis, the baseline (all branch texts prefilled again);
@@ -147,11 +147,12 @@ def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, method
 
 def _methods(lm: LM, item: T.Item, f, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None,
              have: dict) -> dict:
-    answer = SamplingParams(config.budget(item.task)[1], 0.0)
+    worker_tokens, answer_tokens = config.budget(item.task)
     results = dict(have)
     for method in methods:
-        if method not in results:
-            results[method] = r = _method(lm, item, f, method, answer, trained)
+        if method not in results:  # one agent alone gets a worker's room to reason, greedily
+            sampling = SamplingParams(worker_tokens if method == "single" else answer_tokens, 0.0)
+            results[method] = r = _method(lm, item, f, method, sampling, trained)
             r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
     text = results.get("text")
     for method, r in results.items():
