@@ -21,11 +21,12 @@ from parsyn.eval import bench
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the JSON here as well")
+    parser.add_argument("--model", help="a model name or path (default: the default model)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--branches", type=int, default=3)
     args = parser.parse_args()
-    lm = load()
+    lm = load(args.model)
     report = {
         "environment": bench.environment(lm),
         "ttft": bench.ttft_cell(lm, args.branches, args.length, repeats=args.repeats),

@@ -47,12 +47,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2-135m", help="model name or path (the packaged synthesizer's)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--probe", type=int, default=100)
     parser.add_argument("--only", default="", help="comma-separated candidate names")
     args = parser.parse_args()
-    lm = load()
+    lm = load(args.model)
     held = split(read_items(args.data), 4)[1][: args.held_out]
     results = json.loads(args.out.read_text()) if args.out.exists() else {"steps": args.steps, "candidates": {}}
     if "raw" not in results:

@@ -23,11 +23,12 @@ from parsyn.synthesis import prepare
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the JSON here as well")
+    parser.add_argument("--model", default="smollm2-135m", help="model name or path (the packaged synthesizer's)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--branches", type=int, default=3)
     parser.add_argument("--length", type=int, default=100, help="tokens per branch")
     args = parser.parse_args()
-    lm = load()
+    lm = load(args.model)
     trained = adapter.resolve(lm, "auto")
     if trained is None:
         raise SystemExit("error: no packaged checkpoint for the default model")
