@@ -9,7 +9,7 @@ from parsyn.datasets import split_passage
 from parsyn.eval import tasks as T
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "mmlu": 14042, "arc_challenge": 1172, "arc_easy": 2376, "medqa": 1273,
-          "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500}
+          "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500, "facts": 2000}
 
 
 @pytest.mark.parametrize("name", list(COUNTS))

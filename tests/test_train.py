@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -309,3 +310,26 @@ def test_the_packaged_recipe_is_a_named_recipe_and_flags_override_it():
     with pytest.raises(ValueError, match="unknown recipe 'nosuch'"):
         recipes.load("nosuch")
 
+
+
+def test_the_held_out_curve_is_logged_at_each_checkpoint_and_changes_nothing(tmp_path, tiny_data, tokenizer,
+                                                                           monkeypatch):
+    from parsyn.train import loop
+    from parsyn.train.data import read_items
+
+    config = TrainConfig(steps=4, checkpoint_every=2, log_every=1, holdout_percent=30, lr=1e-2,
+                         adapter=A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="affine")))
+    held = loop.split(read_items(tiny_data), 30)[1]
+    assert held, "the test needs held-out items"
+    train(tiny_lm("llama", tokenizer), tiny_data, tmp_path / "with", config, show_progress=False)
+    curve = [json.loads(line) for line in (tmp_path / "with" / "held_out.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4] and all(c["held_out_items"] == len(held) for c in curve)
+    assert all(math.isfinite(c["held_out_loss"]) for c in curve) and curve[0] != curve[1]  # it follows training
+    stopped = tmp_path / "stopped"  # a resumed run draws the same curve, each point once
+    train(tiny_lm("llama", tokenizer), tiny_data, stopped, config, show_progress=False, stop_after=2)
+    train(tiny_lm("llama", tokenizer), tiny_data, stopped, config, show_progress=False)
+    assert (stopped / "held_out.jsonl").read_text() == (tmp_path / "with" / "held_out.jsonl").read_text()
+    monkeypatch.setattr(loop, "held_out_loss", lambda *args: {})  # the same run without the curve's forwards
+    train(tiny_lm("llama", tokenizer), tiny_data, tmp_path / "without", config, show_progress=False)
+    a, b = (load_file(tmp_path / name / "checkpoint" / A.WEIGHTS) for name in ("with", "without"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

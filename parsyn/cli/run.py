@@ -42,7 +42,6 @@ def run(
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
     from ..sampling import SamplingParams
-    from ..synthesis import synthesize
     from ..workers import fork, from_texts
 
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
@@ -63,17 +62,8 @@ def run(
         with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
             f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling,
                      on_token=on_token)
-    routes = ["text", "cache"] if route == Route.both else [route.value]
-    chosen = layout.value if layout else None
-    decision = None
-    if route == Route.auto:
-        from ..auto import synthesize_auto
-
-        results = {}
-        results["auto"], decision = synthesize_auto(lm, f, chosen_gate, sampling=synth_sampling, synthesizer=trained)
-    else:
-        results = {r: synthesize(lm, f, route=r, layout=chosen, sampling=synth_sampling, synthesizer=trained)
-                   for r in routes}
+    results, decision = _synthesize(lm, f, route, layout.value if layout else None, chosen_gate, synth_sampling,
+                                    trained)
     if decision is not None and not as_json:
         err.print(f"auto: risk {decision['risk']:.3f} ({decision['signal']}) → {decision['choice']}")
     if as_json:
@@ -83,6 +73,19 @@ def run(
         print(json.dumps(report, indent=2))
     else:
         _show(f, results, trained=trained is not None)
+
+
+def _synthesize(lm, f, route, layout, gate, sampling, trained) -> tuple[dict, dict | None]:
+    """{route name: Synthesis} by the routes asked for, and the auto gate's decision (None without it)."""
+    from ..synthesis import synthesize
+
+    if route == Route.auto:
+        from ..auto import synthesize_auto
+
+        s, decision = synthesize_auto(lm, f, gate, sampling=sampling, synthesizer=trained)
+        return {"auto": s}, decision
+    routes = ["text", "cache"] if route == Route.both else [route.value]
+    return {r: synthesize(lm, f, route=r, layout=layout, sampling=sampling, synthesizer=trained) for r in routes}, None
 
 
 def _gate(route, path: Optional[Path]):

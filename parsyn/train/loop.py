@@ -41,6 +41,7 @@ from ..mapper import MapperConfig
 from ..model import LM
 from ..synthesis import CacheOptions, teacher_forced
 from ..workers import Fork, from_ids
+from .curve import CURVE_ITEMS, held_out_loss
 from .data import read_items
 from .loss import LossConfig, distill_loss
 
@@ -151,7 +152,7 @@ def train(
         check_number("stop_after", stop_after, integer=True, at_least=1)
     accelerator = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=lm.device.type == "cpu")
     run, data = Path(run), Path(data)
-    items, position = _training_items(data, config, on_error, accelerator.num_processes)
+    items, held, position = _training_items(data, config, on_error, accelerator.num_processes)
     _check_run(run, config, data)
     torch.manual_seed(config.seed + accelerator.process_index)
     synthesizer, state = _start(lm, run, config, position, accelerator)
@@ -163,6 +164,7 @@ def train(
     _write_settings(run, config, data, accelerator)
     student, optimizer = accelerator.prepare(Student(lm, synthesizer, config.loss), optimizer)
     log = _Log(run / "metrics.jsonl", start, accelerator.is_main_process)
+    curve = _Log(run / "held_out.jsonl", start, accelerator.is_main_process and bool(held))
     bar = _bar(config.steps, start, show_progress and accelerator.is_main_process)
     t0 = time.perf_counter()
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
@@ -178,7 +180,10 @@ def train(
                        "seconds": time.perf_counter() - t0, "world_size": accelerator.num_processes})
         if done % config.checkpoint_every == 0 or done == end:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
+            if accelerator.is_main_process:  # the curve first: a checkpoint's step always has its point
+                if held:
+                    curve.write({"step": done, **held_out_loss(accelerator.unwrap_model(student), held,
+                                                               config.layouts)})
                 _checkpoint(lm, synthesizer, optimizer, scheduler, done, run, {**position, "train": config.to_dict()})
     accelerator.wait_for_everyone()
     bar(None, None)
@@ -186,16 +191,16 @@ def train(
     return synthesizer
 
 
-def _training_items(data: Path, config: TrainConfig, on_error: str, world: int) -> tuple[list[dict], dict]:
-    """The training items, and what ties a checkpoint to them: the data file's sha256, the number of
-    training items and how many a step takes (the data position is step x items_per_step)."""
+def _training_items(data: Path, config: TrainConfig, on_error: str, world: int) -> tuple[list, list, dict]:
+    """The training items, the held-out ones the curve scores, and what ties a checkpoint to them: the data
+    file's sha256, the number of training items and how many a step takes (position = step x that)."""
     if not data.is_file():
         raise ValueError(f"data file not found: {data}")
-    items, _ = split(read_items(data, on_error=on_error), config.holdout_percent)
+    items, held = split(read_items(data, on_error=on_error), config.holdout_percent)
     if not items:
         raise ValueError(f"no training items in {data} (the file is empty or every item is held out)")
-    return items, {"data_sha256": sha256(data), "items": len(items), "world_size": world,
-                   "items_per_step": config.accumulate * world}
+    return items, held[:CURVE_ITEMS], {"data_sha256": sha256(data), "items": len(items), "world_size": world,
+                                       "items_per_step": config.accumulate * world}
 
 
 def _step(student, optimizer, accelerator: Accelerator, params: list, items: Sequence[dict], step: int, layout: str,
