@@ -90,3 +90,10 @@ def test_the_tradeoff_is_measured_from_evaluation_records(tmp_path, tokenizer):
     text = next(p for p in result["points"] if p["method"] == "text")
     assert text["regression_rate"] == 0
     assert G.pareto_plot(result) is not None
+
+
+def test_a_gate_for_a_trained_synthesizer_reads_its_own_doubt_and_never_the_raw_arms():
+    items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]
+    gate = G.calibrate(items, 0.0, trained=True)
+    assert gate.trained and gate.signal == "confidence" and gate.cache_below == gate.recompute_below
+    assert G.replay(items, gate)["chosen"]["recompute"] == 0

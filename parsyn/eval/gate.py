@@ -76,12 +76,14 @@ def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model
         raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
                          f"layouts, {RECOMPUTE}); run `parsyn eval` with them")
     best = None
-    for signal in SIGNALS:
+    # With a trained synthesizer the other layout and the recomputing route are measured raw, not trained:
+    # such a gate reads its own doubt only and chooses between the cache route and text.
+    for signal in SIGNALS if not trained else ("confidence",):
         risks = sorted(c["risk"][signal] for c in items)
         quantiles = {risks[min(len(risks) - 1, round(q * (len(risks) - 1) / CUTS))] for q in range(CUTS + 1)}
         cuts = sorted({0.0, 1.0 + 1e-6, *(r + 1e-9 for r in quantiles)})  # just above a risk: that item passes
         for i, low in enumerate(cuts):
-            for high in cuts[i:]:
+            for high in cuts[i:] if not trained else (low,):
                 gate = Gate(signal, low, high, trained=trained, max_regress=max_regress, model=model)
                 got = replay(items, gate)
                 key = (got["ttft_mean_s"], got["regression_rate"])
