@@ -71,3 +71,23 @@ def tiny_lm(family: str, tokenizer, *, rope: dict | None = None, seed: int = 0, 
     model = AutoModelForCausalLM.from_config(tiny_config(family, rope=rope), dtype=torch.float32,
                                              attn_implementation="sdpa")
     return M.wrap(model, tokenizer, f"tiny-{family}", pack=pack)
+
+
+def random_synthesizer(lm: M.LM, config, std: float = 0.05):
+    """A synthesizer attached to `lm` with random weights (away from the identity, so it changes answers)."""
+    from parsyn import adapter as A
+
+    trained = A.attach(lm, config)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0, std)
+    return trained
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a Hugging Face folder, for command lines that take --model."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_lm("llama", tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import random_synthesizer, tiny_lm
 from safetensors.torch import load_file, save_file
 
 from parsyn import adapter as A
@@ -192,10 +192,7 @@ def test_trainer_state_loads_with_weights_only(stopped):
 @pytest.fixture
 def saved(tmp_path, tokenizer):
     lm = tiny_lm("llama", tokenizer)
-    trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="affine")))
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.normal_(0, 0.05)
+    trained = random_synthesizer(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="affine")))
     return A.save(trained, lm, tmp_path / "ckpt")
 
 
@@ -378,14 +375,6 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 # 2. SIGKILL at random moments, then the same command again --------------------------------------------------------
 
 STEPS, EVERY = 8, 2
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_lm("llama", tokenizer).model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def cli(*args: str) -> list[str]:

@@ -100,16 +100,6 @@ def test_unknown_option_values_are_usage_errors():
     assert done.returncode == 2 and "telepathy" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    from conftest import tiny_lm
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_lm("llama", tokenizer).model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
     done = parsyn("bench", "--random-shape", "tiny-qwen3", "--branches", "1,2", "--lengths", "32", "--repeats", "1",
                   "--json", "--out", str(tmp_path / "bench.json"))

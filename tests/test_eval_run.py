@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import random_synthesizer, tiny_lm
 from transformers import DynamicCache
 
 from parsyn.eval import tasks as T
@@ -160,10 +160,8 @@ def test_a_synthesizer_that_fits_later_completes_the_finished_items_on_their_bra
     first = run(lm, config, tmp_path / "eval")
     before = read_predictions(tmp_path / "eval" / "predictions.jsonl")
     assert {s["method"] for s in first["rows"]} == {"text", "cache-parallel"}  # none fits yet
-    trained = A.attach(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")))
     torch.manual_seed(0)
-    for p in trained.parameters():  # away from the identity, so that it changes answers
-        p.data.normal_(0, 0.5)
+    trained = random_synthesizer(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")), std=0.5)
     A.save(trained, lm, tmp_path / "packaged" / "tiny")
     again = run(lm, config, tmp_path / "eval")
     after = read_predictions(tmp_path / "eval" / "predictions.jsonl")

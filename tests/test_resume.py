@@ -27,16 +27,6 @@ EVAL = EvalConfig(tasks=("gsm8k", "boolq"), methods=("text", "cache-parallel"), 
 TIMINGS = ("ttft_s", "latency_s", "workers_s")
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    from conftest import tiny_lm
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_lm("llama", tokenizer).model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def start(*args: str) -> subprocess.Popen:
     # restore Ctrl-C's default: a test runner may have started us with SIGINT ignored
     return subprocess.Popen([sys.executable, "-m", "parsyn.cli", *args], stdout=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import random_synthesizer, tiny_lm
 from safetensors.torch import load_file
 
 from parsyn import adapter as A
@@ -171,10 +171,7 @@ def test_training_checkpoints_and_a_stopped_run_resumes_exactly(tmp_path, tiny_d
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path, tokenizer):
     lm = tiny_lm("llama", tokenizer)
-    trained = A.attach(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="affine")))
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.normal_(0, 0.05)
+    trained = random_synthesizer(lm, A.AdapterConfig(rank=4, alpha=8, mapper=MapperConfig(kind="affine")))
     path = A.save(trained, lm, tmp_path / "ckpt")
     f = from_texts(lm, QUESTION, TEXTS)
     before = prepare(lm, f, synthesizer=trained).logits
