@@ -75,23 +75,28 @@ def fork_many(
     workers: int = 3,
     roles: Sequence[str] | Sequence[Sequence[str]] = (),
     system: str | None = None,
-    sampling: SamplingParams = WORKER_SAMPLING,
+    sampling: SamplingParams | Sequence[SamplingParams] = WORKER_SAMPLING,
     batched: bool = True,
     on_token: Callable[[int, int, int], None] | None = None,
 ) -> list[Fork]:
     """Fork several questions in one batch: every prefix prefilled once (together), every question's
     workers decoded together. roles: one list for all questions, or one list per question (then each
-    question has as many workers as roles). on_token(question, worker, token) reports progress."""
+    question has as many workers as roles). sampling: one for all, or one per question (a greedy agent
+    can decode beside sampled workers). on_token(question, worker, token) reports progress."""
     fmt = ChatFormat(lm.tokenizer)
     if not questions:
         raise ValueError("need at least one question")
+    samplings = [sampling] * len(questions) if isinstance(sampling, SamplingParams) else list(sampling)
+    if len(samplings) != len(questions):
+        raise ValueError(f"got {len(samplings)} sampling settings for {len(questions)} questions")
+    most = max(s.max_new_tokens for s in samplings)
     prefixes = [fmt.prefix_ids(_check_question(q), system and _text(system, "the system prompt")) for q in questions]
     per_question = _roles_per_question(roles, len(questions), workers)
     everyone = [(q, i) for q, rs in enumerate(per_question) for i in range(len(rs))]
     rows_at_once = len(everyone) if batched else 1
-    lm.check_memory(rows_at_once, max(map(len, prefixes)) + sampling.max_new_tokens)  # before per-worker work
+    lm.check_memory(rows_at_once, max(map(len, prefixes)) + most)  # before per-worker work
     openings = [[fmt.ids(fmt.turn(q, system, r)) for r in rs] for q, rs in zip(questions, per_question)]
-    longest = max(len(p) + max(map(len, o)) for p, o in zip(prefixes, openings)) + sampling.max_new_tokens
+    longest = max(len(p) + max(map(len, o)) for p, o in zip(prefixes, openings)) + most
     lm.check_positions(longest, "the prompt plus the workers' answers")
     lm.check_memory(rows_at_once, longest)
     t0 = time.perf_counter()
@@ -105,7 +110,7 @@ def fork_many(
         with torch.inference_mode():
             logits = feed_(lm, state, [openings[q][i] for q, i in group])
         t2 = time.perf_counter()
-        rows = [Row((q, i), dataclasses.replace(sampling, seed=row_seed(sampling.seed, i)),
+        rows = [Row((q, i), dataclasses.replace(samplings[q], seed=row_seed(samplings[q].seed, i)),
                     capture_from=len(prefixes[q]), close_turn=True) for q, i in group]
         results.update(_decode(lm, state, logits, rows, on_token))
         prefill_s, decode_s = prefill_s + t2 - t1, decode_s + time.perf_counter() - t2
@@ -206,7 +211,7 @@ def _roles(roles: Sequence[str], n: int) -> list[str | None]:
         raise ValueError(f"need at least one worker, got {n}")
     if roles and len(roles) != n:
         raise ValueError(f"got {len(roles)} roles for {n} workers; give one role per worker or none")
-    return [_text(r, f"role {i + 1}") for i, r in enumerate(roles)] if roles else [None] * n
+    return [r and _text(r, f"role {i + 1}") for i, r in enumerate(roles)] if roles else [None] * n  # None: no role
 
 
 def _roles_per_question(roles, questions: int, workers: int) -> list[list[str | None]]:

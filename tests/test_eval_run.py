@@ -173,3 +173,26 @@ def test_a_synthesizer_that_fits_later_completes_the_finished_items_on_their_bra
             new["methods"]["cache-trained"]["final"] == old["methods"]["text"]["final"])
     assert {s["method"] for s in again["rows"]} == {"text", "cache-parallel", "cache-trained"}
     A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))
+
+
+def test_methods_decoded_together_answer_as_each_alone(tokenizer):
+    """The harness runs every method alone to its first token, then decodes them all in one batch (the
+    trained one in its own): the tokens are those each gives alone, its TTFT its own prefill's."""
+    from parsyn import adapter as A
+    from parsyn.eval.run import CACHE_METHODS, _syntheses
+    from parsyn.mapper import MapperConfig
+
+    lm = tiny_lm("qwen2", tokenizer)
+    torch.manual_seed(0)
+    trained = random_synthesizer(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")), std=0.5)
+    f = from_texts(lm, "What is 12 times 3?", ["It is 36.", "Twelve threes make thirty-six, so 36.", "36"])
+    sampling = SamplingParams(10, 0.0)
+    joint = _syntheses(lm, f, [*CACHE_METHODS, "cache-trained"], sampling, trained)
+    for method, got in joint.items():
+        route = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
+        alone = synthesize(lm, f, sampling=sampling, **route)
+        assert got["answer"] == alone.answer, method
+        assert got["prefill_tokens"] == alone.prefill_tokens and 0 < got["ttft_s"] <= got["latency_s"]
+        assert [i for i, _ in got["first_top"]] == [i for i, _ in alone.first_top]
+    assert joint["cache-trained"]["answer"] != joint["cache-parallel"]["answer"]  # the adapter did apply
+    A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))

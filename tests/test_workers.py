@@ -108,6 +108,15 @@ def test_fork_many_forks_each_question_as_fork_does(tokenizer):
                 torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="role lists for 1 questions"):
         fork_many(lm, questions, roles=[["a"]])
+    # one sampling per question: a greedy agent decodes beside sampled workers as it would alone
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.9, seed=3)
+    workers, agent = fork_many(lm, [questions[0]] * 2, roles=[roles[0], [None]], sampling=[sampled, greedy])
+    assert ([b.token_ids for b in agent.branches] == [b.token_ids for b in fork(lm, questions[0], workers=1,
+                                                                              sampling=greedy).branches])
+    assert ([b.token_ids for b in workers.branches]
+            == [b.token_ids for b in fork(lm, questions[0], roles=roles[0], workers=2, sampling=sampled).branches])
+    with pytest.raises(ValueError, match="2 sampling settings for 1 questions"):
+        fork_many(lm, questions[:1], sampling=[greedy, greedy])
 
 
 def test_kv_bytes_round_trip_and_are_refused_by_another_model(tokenizer):

@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapter import Synthesizer, resolve
+from ..decode import Batch, Row
 from ..files import Records, read_json, read_records, write_json
 from ..model import LM
 from ..sampling import SamplingParams
-from ..synthesis import CacheOptions, synthesize
-from ..workers import fork, from_ids
+from ..synthesis import FIRST_TOP, CacheOptions, prepare, top_logprobs
+from ..workers import answer_text, fork, fork_many, from_ids
 from . import stats as S
 from . import tasks as T
 from .bench import environment
@@ -123,15 +124,21 @@ def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[st
              if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
     worker_tokens, _ = config.budget(item.task)
     sampling = SamplingParams(worker_tokens, config.temperature, 0.95, config.seed)
+    alone = "single" in methods  # one agent alone decodes beside the workers, greedily, with their room
+    times: list[float] = []
     t0 = time.perf_counter()
-    f = fork(lm, item.question, workers=len(roles), roles=roles, sampling=sampling)
+    forks = fork_many(lm, [item.question] * (1 + alone), roles=[roles, [None]][: 1 + alone],
+                      sampling=[sampling, SamplingParams(worker_tokens, 0.0)][: 1 + alone],
+                      on_token=lambda q, *_: times.append(time.perf_counter()) if q else None)
     workers_s = time.perf_counter() - t0
+    f = forks[0]
+    single = _single(forks[1], times[0] - t0, times[-1] - t0) if alone else None
     return {
         "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
         "prefix_ids": list(f.prefix_ids),
         "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
                      for b in f.branches],
-        "workers_s": workers_s, "methods": _methods(lm, item, f, config, methods, trained, {}),
+        "workers_s": workers_s, "methods": _methods(lm, item, f, config, methods, trained, {}, single),
     }
 
 
@@ -146,14 +153,19 @@ def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, method
 
 
 def _methods(lm: LM, item: T.Item, f, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None,
-             have: dict) -> dict:
+             have: dict, single: dict | None = None) -> dict:
     worker_tokens, answer_tokens = config.budget(item.task)
-    results = dict(have)
-    for method in methods:
-        if method not in results:  # one agent alone gets a worker's room to reason, greedily
-            sampling = SamplingParams(worker_tokens if method == "single" else answer_tokens, 0.0)
-            results[method] = r = _method(lm, item, f, method, sampling, trained)
-            r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
+    todo = [m for m in methods if m not in have]
+    fresh = _syntheses(lm, f, [m for m in todo if m not in ("single", "vote")], SamplingParams(answer_tokens, 0.0),
+                       trained)
+    if "vote" in todo:
+        fresh["vote"] = _vote(item, f)
+    if "single" in todo:  # one agent alone gets a worker's room to reason, greedily
+        fresh["single"] = single or _single_alone(lm, item, SamplingParams(worker_tokens, 0.0))
+    results = {**have, **{m: fresh[m] for m in todo}}
+    for method in todo:
+        r = results[method]
+        r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
     text = results.get("text")
     for method, r in results.items():
         compared = text is not None and method != "single"
@@ -173,26 +185,54 @@ CACHE_METHODS = {
 }
 
 
-def _method(lm: LM, item: T.Item, f, method: str, sampling: SamplingParams, trained: Synthesizer | None) -> dict:
-    if method == "single":
-        return _single(lm, item, sampling)
-    if method == "vote":
-        return _vote(item, f)
-    kwargs = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
-    s = synthesize(lm, f, sampling=sampling, **kwargs)
-    return {"answer": s.answer, "ttft_s": s.ttft_s, "latency_s": s.total_s, "prefill_tokens": s.prefill_tokens,
-            "provenance": [asdict(p) for p in s.provenance], "first_top": [list(t) for t in s.first_top]}
+def _syntheses(lm: LM, f, methods: Sequence[str], sampling: SamplingParams, trained: Synthesizer | None) -> dict:
+    """Every synthesis method run on its own up to its first token, timed as `synthesize` times it, then
+    all decoded to the end together (one batch per adapter: a forward per step for every row). Greedy
+    answers are those of one-by-one decoding up to float rounding; latency counts the joint decode."""
+    started = {}
+    for method in methods:
+        route = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
+        t0 = time.perf_counter()
+        ready = prepare(lm, f, max_new_tokens=sampling.max_new_tokens, **route)
+        batch = Batch(lm, ready.state, ready.logits, [Row(method, sampling)],
+                      adapter=trained if method == "cache-trained" else None)
+        first = batch.sample_()[0]
+        ttft = time.perf_counter() - t0
+        started[method] = (batch, ready, ttft, ttft if first.finish else None)
+    latency = {m: s[3] for m, s in started.items() if s[3] is not None}
+    groups: dict = {}
+    for batch, *_ in started.values():
+        groups.setdefault(id(batch.adapter), []).append(batch)
+    results = {}
+    for joint, *others in groups.values():
+        t1 = time.perf_counter()
+        for other in others:
+            joint.add(other)
+        joint.advance_()
+        for events in joint.steps():
+            for e in events:
+                if e.finish:
+                    latency[e.key] = started[e.key][2] + time.perf_counter() - t1
+        results.update(joint.results)
+    out = {}
+    for method, (_, ready, ttft, _) in started.items():
+        out[method] = {"answer": answer_text(lm, results[method]), "ttft_s": ttft, "latency_s": latency[method],
+                       "prefill_tokens": ready.prefill_tokens, "provenance": [asdict(p) for p in ready.spans],
+                       "first_top": [list(t) for t in top_logprobs(ready.logits[0], FIRST_TOP)]}
+    return out
 
 
-def _single(lm: LM, item: T.Item, sampling: SamplingParams) -> dict:
-    t0 = time.perf_counter()
-    first = []
-    alone = fork(lm, item.question, workers=1, sampling=sampling,
-                 on_token=lambda *_: first.append(time.perf_counter()) if not first else None)
-    end = time.perf_counter()
+def _single(alone, ttft_s: float, latency_s: float) -> dict:
     b = alone.branches[0]
-    return {"answer": b.text, "ttft_s": first[0] - t0, "latency_s": end - t0,
+    return {"answer": b.text, "ttft_s": ttft_s, "latency_s": latency_s,
             "prefill_tokens": len(alone.prefix_ids) + len(b.token_ids) - b.generated}
+
+
+def _single_alone(lm: LM, item: T.Item, sampling: SamplingParams) -> dict:
+    times: list[float] = []
+    t0 = time.perf_counter()
+    alone = fork(lm, item.question, workers=1, sampling=sampling, on_token=lambda *_: times.append(time.perf_counter()))
+    return _single(alone, times[0] - t0, times[-1] - t0)
 
 
 def _vote(item: T.Item, f) -> dict:
