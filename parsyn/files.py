@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -210,6 +210,10 @@ class Records:
     def append(self, record: dict) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+
+    def extend(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self.append(record)
 
     def __exit__(self, *exc) -> None:
         self._fh.close()

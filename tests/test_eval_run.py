@@ -187,7 +187,13 @@ def test_methods_decoded_together_answer_as_each_alone(tokenizer):
     trained = random_synthesizer(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")), std=0.5)
     f = from_texts(lm, "What is 12 times 3?", ["It is 36.", "Twelve threes make thirty-six, so 36.", "36"])
     sampling = SamplingParams(10, 0.0)
-    joint = _syntheses(lm, f, [*CACHE_METHODS, "cache-trained"], sampling, trained)
+    other = from_texts(lm, "What is 12 times 4?", ["48", "It is 48."])  # a second item in the same batch
+    methods = [*CACHE_METHODS, "cache-trained"]
+    together = _syntheses(lm, [((j, m), g) for j, g in enumerate((f, other)) for m in methods], sampling, trained)
+    assert [k for k in together] == [(j, m) for j in (0, 1) for m in methods]
+    assert all(together[1, m]["answer"] == synthesize(lm, other, sampling=sampling, **CACHE_METHODS[m]).answer
+               for m in CACHE_METHODS)
+    joint = {m: together[0, m] for m in methods}
     for method, got in joint.items():
         route = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
         alone = synthesize(lm, f, sampling=sampling, **route)

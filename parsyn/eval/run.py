@@ -31,7 +31,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
 BLEND = CacheOptions(blend=0.15, check_layer=1)
 RECOMPUTE = CacheOptions(recompute=8)
 RELAY = CacheOptions(recompute=8, blend=0.05, check_layer=1)
+GROUP = 4  # items of one task evaluated together (their decoding batched; every TTFT is still taken alone)
 
 
 @dataclass(frozen=True)
@@ -106,40 +107,59 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     ids = {item.id for item in items}
     done = {r["id"]: r for r in read_predictions(path)}
     with Records(path) as records:
-        for n, item in enumerate(items, 1):
-            if item.id not in done:
-                records.append(evaluate_item(lm, item, config, methods, trained))
-            elif [m for m in methods if m not in done[item.id]["methods"]] and "prefix_ids" in done[item.id]:
-                records.append(complete_item(lm, item, done[item.id], config, methods, trained))
-            if progress:
-                progress(n, len(items), item.task)
+        n = 0
+        for group in groups(items, len(config.tasks)):
+            if any(item.id not in done for item in group):  # a group runs whole, so its numbers never depend
+                fresh = evaluate_items(lm, group, config, methods, trained)  # on where a run was stopped
+                records.extend(r for item, r in zip(group, fresh) if item.id not in done)
+            for item in group:
+                if (item.id in done and "prefix_ids" in done[item.id]
+                        and [m for m in methods if m not in done[item.id]["methods"]]):
+                    records.append(complete_item(lm, item, done[item.id], config, methods, trained))
+                n += 1
+                if progress:
+                    progress(n, len(items), item.task)
     summary = summarize([r for r in read_predictions(path) if r["id"] in ids], config, methods, lm, command)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def evaluate_item(lm: LM, item: T.Item, config: EvalConfig, methods: Sequence[str],
-                  trained: Synthesizer | None) -> dict:
-    roles = ([f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
-             if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)])
-    worker_tokens, _ = config.budget(item.task)
-    sampling = SamplingParams(worker_tokens, config.temperature, 0.95, config.seed)
-    alone = "single" in methods  # one agent alone decodes beside the workers, greedily, with their room
-    times: list[float] = []
+def groups(items: Sequence[T.Item], tasks: int) -> Iterator[list[T.Item]]:
+    """The items in groups of up to GROUP of one task, evaluated together: the items of GROUP rounds,
+    task by task (the same groups whatever a run has done)."""
+    for start in range(0, len(items), GROUP * tasks):
+        block = items[start:start + GROUP * tasks]
+        for task in dict.fromkeys(item.task for item in block):
+            yield [item for item in block if item.task == task]
+
+
+def evaluate_items(lm: LM, items: Sequence[T.Item], config: EvalConfig, methods: Sequence[str],
+                   trained: Synthesizer | None) -> list[dict]:
+    """Records of `items` (one task): all their workers decode as one batch, the single agents (greedy,
+    a worker's room) beside them, then every method of every item as in `_syntheses`."""
+    worker_tokens, _ = config.budget(items[0].task)
+    alone = "single" in methods
+    questions, roles, samplings = [], [], []
+    for item in items:
+        questions += [item.question] * (1 + alone)
+        roles += [[f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
+                  if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)], [None]][: 1 + alone]
+        samplings += [SamplingParams(worker_tokens, config.temperature, 0.95, config.seed),
+                      SamplingParams(worker_tokens, 0.0)][: 1 + alone]
+    times: dict[int, list[float]] = {}
     t0 = time.perf_counter()
-    forks = fork_many(lm, [item.question] * (1 + alone), roles=[roles, [None]][: 1 + alone],
-                      sampling=[sampling, SamplingParams(worker_tokens, 0.0)][: 1 + alone],
-                      on_token=lambda q, *_: times.append(time.perf_counter()) if q else None)
+    forks = fork_many(lm, questions, roles=roles, sampling=samplings,
+                      on_token=lambda q, *_: times.setdefault(q, []).append(time.perf_counter()))
     workers_s = time.perf_counter() - t0
-    f = forks[0]
-    single = _single(forks[1], times[0] - t0, times[-1] - t0) if alone else None
-    return {
-        "id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
-        "prefix_ids": list(f.prefix_ids),
-        "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
-                     for b in f.branches],
-        "workers_s": workers_s, "methods": _methods(lm, item, f, config, methods, trained, {}, single),
-    }
+    step = 1 + alone
+    singles = [_single(forks[j + 1], times[j + 1][0] - t0, times[j + 1][-1] - t0) if alone else None
+               for j in range(0, len(forks), step)]
+    results = _methods(lm, items, forks[::step], config, methods, trained, [{}] * len(items), singles)
+    return [{"id": item.id, "task": item.task, "question": item.question, "gold": list(item.gold),
+             "prefix_ids": list(f.prefix_ids),
+             "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
+                          for b in f.branches],
+             "workers_s": workers_s, "methods": got} for item, f, got in zip(items, forks[::step], results)]
 
 
 def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, methods: Sequence[str],
@@ -149,29 +169,34 @@ def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, method
     branches = record["branches"]
     f = from_ids(lm, item.question, record["prefix_ids"], [b["token_ids"] for b in branches],
                  texts=[b["text"] for b in branches], roles=[b["role"] for b in branches])
-    return {**record, "methods": _methods(lm, item, f, config, methods, trained, record["methods"])}
+    return {**record, "methods": _methods(lm, [item], [f], config, methods, trained, [record["methods"]])[0]}
 
 
-def _methods(lm: LM, item: T.Item, f, config: EvalConfig, methods: Sequence[str], trained: Synthesizer | None,
-             have: dict, single: dict | None = None) -> dict:
-    worker_tokens, answer_tokens = config.budget(item.task)
-    todo = [m for m in methods if m not in have]
-    fresh = _syntheses(lm, f, [m for m in todo if m not in ("single", "vote")], SamplingParams(answer_tokens, 0.0),
-                       trained)
-    if "vote" in todo:
-        fresh["vote"] = _vote(item, f)
-    if "single" in todo:  # one agent alone gets a worker's room to reason, greedily
-        fresh["single"] = single or _single_alone(lm, item, SamplingParams(worker_tokens, 0.0))
-    results = {**have, **{m: fresh[m] for m in todo}}
-    for method in todo:
-        r = results[method]
-        r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
-    text = results.get("text")
-    for method, r in results.items():
-        compared = text is not None and method != "single"
-        r["agrees"] = r["final"] == text["final"] if compared else None
-        r["identical"] = r["answer"] == text["answer"] if compared else None
-    return results
+def _methods(lm: LM, items: Sequence[T.Item], forks: Sequence, config: EvalConfig, methods: Sequence[str],
+             trained: Synthesizer | None, haves: Sequence[dict], singles: Sequence[dict | None] = ()) -> list[dict]:
+    """Each item's method results: those it has, and the rest run (items of one task, synthesized together)."""
+    worker_tokens, answer_tokens = config.budget(items[0].task)
+    todo = [[m for m in methods if m not in have] for have in haves]
+    jobs = [((j, m), f) for j, (f, mine) in enumerate(zip(forks, todo)) for m in mine if m not in ("single", "vote")]
+    fresh = _syntheses(lm, jobs, SamplingParams(answer_tokens, 0.0), trained)
+    out = []
+    for j, (item, f, have, mine) in enumerate(zip(items, forks, haves, todo)):
+        if "vote" in mine:
+            fresh[j, "vote"] = _vote(item, f)
+        if "single" in mine:  # one agent alone gets a worker's room to reason, greedily
+            fresh[j, "single"] = ((singles[j] if singles else None)
+                                  or _single_alone(lm, item, SamplingParams(worker_tokens, 0.0)))
+        results = {**have, **{m: fresh[j, m] for m in mine}}
+        for method in mine:
+            r = results[method]
+            r["score"], r["final"] = T.score(item, r["answer"]), final_answer(item, r["answer"])
+        text = results.get("text")
+        for method, r in results.items():
+            compared = text is not None and method != "single"
+            r["agrees"] = r["final"] == text["final"] if compared else None
+            r["identical"] = r["answer"] == text["answer"] if compared else None
+        out.append(results)
+    return out
 
 
 CACHE_METHODS = {
@@ -185,26 +210,26 @@ CACHE_METHODS = {
 }
 
 
-def _syntheses(lm: LM, f, methods: Sequence[str], sampling: SamplingParams, trained: Synthesizer | None) -> dict:
-    """Every synthesis method run on its own up to its first token, timed as `synthesize` times it, then
-    all decoded to the end together (one batch per adapter: a forward per step for every row). Greedy
-    answers are those of one-by-one decoding up to float rounding; latency counts the joint decode."""
+def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingParams,
+               trained: Synthesizer | None) -> dict:
+    """Run each job ((key, method), fork) alone up to its first token, timed as `synthesize` times it,
+    then decode them all to the end together (one batch per adapter: a forward per step for every row).
+    Greedy answers are those of one-by-one decoding up to float rounding; latency counts the joint decode."""
     started = {}
-    for method in methods:
-        route = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
+    for key, f in jobs:
+        route = dict(route="cache", synthesizer=trained) if key[-1] == "cache-trained" else CACHE_METHODS[key[-1]]
         t0 = time.perf_counter()
         ready = prepare(lm, f, max_new_tokens=sampling.max_new_tokens, **route)
-        batch = Batch(lm, ready.state, ready.logits, [Row(method, sampling)],
-                      adapter=trained if method == "cache-trained" else None)
+        batch = Batch(lm, ready.state, ready.logits, [Row(key, sampling)],
+                      adapter=trained if key[-1] == "cache-trained" else None)
         first = batch.sample_()[0]
-        ttft = time.perf_counter() - t0
-        started[method] = (batch, ready, ttft, ttft if first.finish else None)
-    latency = {m: s[3] for m, s in started.items() if s[3] is not None}
-    groups: dict = {}
+        started[key] = (batch, ready, time.perf_counter() - t0, first.finish)
+    latency = {key: ttft for key, (_, _, ttft, finish) in started.items() if finish}
+    by_adapter: dict = {}
     for batch, *_ in started.values():
-        groups.setdefault(id(batch.adapter), []).append(batch)
+        by_adapter.setdefault(id(batch.adapter), []).append(batch)
     results = {}
-    for joint, *others in groups.values():
+    for joint, *others in by_adapter.values():
         t1 = time.perf_counter()
         for other in others:
             joint.add(other)
@@ -214,12 +239,10 @@ def _syntheses(lm: LM, f, methods: Sequence[str], sampling: SamplingParams, trai
                 if e.finish:
                     latency[e.key] = started[e.key][2] + time.perf_counter() - t1
         results.update(joint.results)
-    out = {}
-    for method, (_, ready, ttft, _) in started.items():
-        out[method] = {"answer": answer_text(lm, results[method]), "ttft_s": ttft, "latency_s": latency[method],
-                       "prefill_tokens": ready.prefill_tokens, "provenance": [asdict(p) for p in ready.spans],
-                       "first_top": [list(t) for t in top_logprobs(ready.logits[0], FIRST_TOP)]}
-    return out
+    return {key: {"answer": answer_text(lm, results[key]), "ttft_s": ttft, "latency_s": latency[key],
+                  "prefill_tokens": ready.prefill_tokens, "provenance": [asdict(p) for p in ready.spans],
+                  "first_top": [list(t) for t in top_logprobs(ready.logits[0], FIRST_TOP)]}
+            for key, (_, ready, ttft, _) in started.items()}
 
 
 def _single(alone, ttft_s: float, latency_s: float) -> dict:
