@@ -40,6 +40,10 @@ class ChatFormat:
                       instruction: str = DEFAULT_INSTRUCTION) -> tuple[int, ...]:
         return self.ids(self.synthesis(question, system, instruction))
 
+    def chat_ids(self, messages: list[dict]) -> tuple[int, ...]:
+        """A whole conversation ([{"role", "content"}, ...]) rendered up to the assistant's turn."""
+        return self.ids(self._render(messages, generation=True))
+
     def _render(self, messages: list[dict], generation: bool) -> str:
         if self.tokenizer.chat_template is None:
             return _plain(messages, generation, self.end)

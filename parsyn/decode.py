@@ -38,6 +38,8 @@ class Row:
     close_turn: a row reaching max_new_tokens ends on a stop token, so a branch is a closed turn.
     logprobs: with k > 0, each event carries the top-k ids and log-probabilities it was drawn from.
     text: detokenize as the row decodes (events carry text; always on when there are stop strings).
+    adapted: the row's forwards apply the batch's adapter (when it has one); a serving batch mixes rows
+    of a trained synthesizer with workers' and text-route rows, which run the base model.
     """
 
     key: Hashable
@@ -46,6 +48,7 @@ class Row:
     close_turn: bool = False
     logprobs: int = 0
     text: bool = False
+    adapted: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +160,7 @@ class Batch:
         self._leave([j for j, r in enumerate(self.live) if r.status == "finished" and r.row.capture_from is None])
         if not any(r.feed for r in self.live):
             return
-        with torch.inference_mode(), (self.adapter.active() if self.adapter is not None else nullcontext()):
+        with torch.inference_mode(), self._adapter():
             logits = feed_(self.lm, self.state, [r.feed for r in self.live])
         idle = [j for j, r in enumerate(self.live) if not r.feed]  # e.g. a row that just joined keeps its logits
         if idle:
@@ -168,6 +171,12 @@ class Batch:
         for r in self.live:
             r.feed = []
         self._leave([j for j, r in enumerate(self.live) if r.status == "finished"])
+
+    def _adapter(self):
+        flags = [r.row.adapted for r in self.live]
+        if self.adapter is None or not any(flags):
+            return nullcontext()
+        return self.adapter.active(None if all(flags) else torch.tensor(flags, device=self.logits.device))
 
     def _leave(self, gone: list[int]) -> None:
         for j in gone:

@@ -21,7 +21,7 @@ import torch
 
 from .chat import DEFAULT_INSTRUCTION, ChatFormat
 from .compose import Composed, Mapper, Span, compose
-from .decode import Batch, Row, Token
+from .decode import Batch, Result, Row, Token
 from .forward import State, feed_, prefill_rows, stack
 from .model import LM
 from .rope import rope_of
@@ -189,10 +189,15 @@ def finish(lm: LM, ready: Prepared, sampling: SamplingParams, t0: float, *, layo
         if on_token is not None:
             for e in events:
                 on_token(e.id)
-    result = batch.results["answer"]
-    total = time.perf_counter() - t0
+    return synthesis_of(lm, ready, batch.results["answer"], layout=layout, ttft_s=first - t0,
+                        total_s=time.perf_counter() - t0)
+
+
+def synthesis_of(lm: LM, ready: Prepared, result: Result, *, layout: str | None, ttft_s: float,
+                 total_s: float) -> Synthesis:
+    """The Synthesis of a prepared route whose row decoded to `result` (wherever it decoded)."""
     return Synthesis("text" if layout is None else "cache", layout, answer_text(lm, result), result.tokens,
-                     first - t0, total, ready.prefill_tokens, ready.spans, top_logprobs(ready.logits[0], FIRST_TOP))
+                     ttft_s, total_s, ready.prefill_tokens, ready.spans, top_logprobs(ready.logits[0], FIRST_TOP))
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:

@@ -16,7 +16,7 @@ import torch
 
 from .chat import ChatFormat
 from .decode import Batch, Result, Row, decode
-from .forward import feed_, prefill_rows, row_kv
+from .forward import State, feed_, prefill_rows, row_kv
 from .kv import KV
 from .model import LM
 from .sampling import SamplingParams, row_seed
@@ -83,40 +83,86 @@ def fork_many(
     workers decoded together. roles: one list for all questions, or one list per question (then each
     question has as many workers as roles). sampling: one for all, or one per question (a greedy agent
     can decode beside sampled workers). on_token(question, worker, token) reports progress."""
-    fmt = ChatFormat(lm.tokenizer)
-    if not questions:
-        raise ValueError("need at least one question")
-    samplings = [sampling] * len(questions) if isinstance(sampling, SamplingParams) else list(sampling)
-    if len(samplings) != len(questions):
-        raise ValueError(f"got {len(samplings)} sampling settings for {len(questions)} questions")
-    most = max(s.max_new_tokens for s in samplings)
-    prefixes = [fmt.prefix_ids(_check_question(q), system and _text(system, "the system prompt")) for q in questions]
-    per_question = _roles_per_question(roles, len(questions), workers)
-    everyone = [(q, i) for q, rs in enumerate(per_question) for i in range(len(rs))]
-    rows_at_once = len(everyone) if batched else 1
-    lm.check_memory(rows_at_once, max(map(len, prefixes)) + most)  # before per-worker work
-    openings = [[fmt.ids(fmt.turn(q, system, r)) for r in rs] for q, rs in zip(questions, per_question)]
-    longest = max(len(p) + max(map(len, o)) for p, o in zip(prefixes, openings)) + most
-    lm.check_positions(longest, "the prompt plus the workers' answers")
-    lm.check_memory(rows_at_once, longest)
-    t0 = time.perf_counter()
-    shared, _ = prefill_rows(lm, prefixes)  # one row per question
-    prefix_kv = [row_kv(shared, q) for q in range(len(questions))]
-    prefill_s, decode_s = time.perf_counter() - t0, 0.0
+    plan = Forking.plan(lm, questions, workers=workers, roles=roles, system=system, sampling=sampling,
+                        rows_at_once=None if batched else 1)
     results: dict[tuple[int, int], Result] = {}
-    for group in [everyone] if batched else [[w] for w in everyone]:
-        t1 = time.perf_counter()
-        state = shared.pick(torch.tensor([q for q, _ in group], device=lm.device))  # a prefix row per worker
-        with torch.inference_mode():
-            logits = feed_(lm, state, [openings[q][i] for q, i in group])
+    for group in [plan.everyone] if batched else [[w] for w in plan.everyone]:
+        state, logits, rows = plan.start(group)
         t2 = time.perf_counter()
-        rows = [Row((q, i), dataclasses.replace(samplings[q], seed=row_seed(samplings[q].seed, i)),
-                    capture_from=len(prefixes[q]), close_turn=True) for q, i in group]
         results.update(_decode(lm, state, logits, rows, on_token))
-        prefill_s, decode_s = prefill_s + t2 - t1, decode_s + time.perf_counter() - t2
-    return [Fork(question, system, prefixes[q], prefix_kv[q],
-                 tuple(_branch(lm, openings[q][i], results[q, i], r) for i, r in enumerate(per_question[q])),
-                 prefill_s, decode_s) for q, question in enumerate(questions)]
+        plan.decode_s += time.perf_counter() - t2
+    return plan.forks(results)
+
+
+@dataclass(eq=False)
+class Forking:
+    """Workers on their way: prefixes prefilled (`plan`), rows started (`start`: a decode state, its logits
+    and the rows to decode, e.g. by a serving engine's batch), then the forks built from the rows' results."""
+
+    lm: LM
+    questions: list[str]
+    system: str | None
+    prefixes: list[tuple[int, ...]]
+    prefix_kv: list[KV]
+    shared: State
+    openings: list[list[tuple[int, ...]]]
+    roles: list[list[str | None]]
+    samplings: list[SamplingParams]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def everyone(self) -> list[tuple[int, int]]:
+        return [(q, i) for q, rs in enumerate(self.roles) for i in range(len(rs))]
+
+    @classmethod
+    def plan(cls, lm: LM, questions: Sequence[str], *, workers: int = 3,
+             roles: Sequence[str] | Sequence[Sequence[str]] = (), system: str | None = None,
+             sampling: SamplingParams | Sequence[SamplingParams] = WORKER_SAMPLING,
+             rows_at_once: int | None = None) -> Forking:
+        """Check the request and prefill every prefix once (one row per question); see `fork_many`."""
+        fmt = ChatFormat(lm.tokenizer)
+        if not questions:
+            raise ValueError("need at least one question")
+        samplings = [sampling] * len(questions) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(samplings) != len(questions):
+            raise ValueError(f"got {len(samplings)} sampling settings for {len(questions)} questions")
+        most = max(s.max_new_tokens for s in samplings)
+        prefixes = [fmt.prefix_ids(_check_question(q), system and _text(system, "the system prompt"))
+                    for q in questions]
+        per_question = _roles_per_question(roles, len(questions), workers)
+        rows_at_once = rows_at_once or sum(map(len, per_question))
+        lm.check_memory(rows_at_once, max(map(len, prefixes)) + most)  # before per-worker work
+        openings = [[fmt.ids(fmt.turn(q, system, r)) for r in rs] for q, rs in zip(questions, per_question)]
+        longest = max(len(p) + max(map(len, o)) for p, o in zip(prefixes, openings)) + most
+        lm.check_positions(longest, "the prompt plus the workers' answers")
+        lm.check_memory(rows_at_once, longest)
+        t0 = time.perf_counter()
+        shared, _ = prefill_rows(lm, prefixes)  # one row per question
+        prefix_kv = [row_kv(shared, q) for q in range(len(questions))]
+        return cls(lm, list(questions), system, prefixes, prefix_kv, shared, openings, per_question, samplings,
+                   time.perf_counter() - t0)
+
+    def start(self, group: Sequence[tuple[int, int]] | None = None) -> tuple[State, torch.Tensor, list[Row]]:
+        """The state, next-token logits [B, V] and rows of workers `group` ((question, worker); default all),
+        their openings fed after their prefixes. Row keys are (question, worker)."""
+        group = self.everyone if group is None else list(group)
+        t1 = time.perf_counter()
+        state = self.shared.pick(torch.tensor([q for q, _ in group], device=self.lm.device))  # a prefix row each
+        with torch.inference_mode():
+            logits = feed_(self.lm, state, [self.openings[q][i] for q, i in group])
+        self.prefill_s += time.perf_counter() - t1
+        rows = [Row((q, i), dataclasses.replace(self.samplings[q], seed=row_seed(self.samplings[q].seed, i)),
+                    capture_from=len(self.prefixes[q]), close_turn=True) for q, i in group]
+        return state, logits, rows
+
+    def forks(self, results: dict) -> list[Fork]:
+        """The forks, one per question, from every worker's finished row (`results[question, worker]`)."""
+        def branches(q: int) -> tuple[Branch, ...]:
+            return tuple(_branch(self.lm, self.openings[q][i], results[q, i], r) for i, r in enumerate(self.roles[q]))
+
+        return [Fork(question, self.system, self.prefixes[q], self.prefix_kv[q], branches(q), self.prefill_s,
+                     self.decode_s) for q, question in enumerate(self.questions)]
 
 
 def _decode(lm: LM, state, logits, rows: Sequence[Row], on_token) -> dict:

@@ -1,0 +1,54 @@
+"""`parsyn serve`: the OpenAI-compatible server (see parsyn/serve)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from .common import MODEL_HELP, app, err, load_model
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
+    adapter: Annotated[str, typer.Option(
+        help="auto (the packaged synthesizer when it fits the model), none, or a checkpoint folder.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait; more get 429.")] = 64,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows decoding at once in the engine's batch.")] = 64,
+    cache_gib: Annotated[float, typer.Option(min=0.001, help="Byte budget of stored forks (LRU eviction).")] = 2.0,
+    fork_ttl: Annotated[float, typer.Option(min=1, help="Seconds an unused fork is kept.")] = 3600.0,
+    timeout: Annotated[float, typer.Option(min=1, help="Deadline of a request in seconds, queue included.")] = 600.0,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="PARSYN_API_KEY", help="Require `Authorization: Bearer KEY` on every endpoint but /healthz.")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible API with fork handles, streaming and a web page."""
+    import uvicorn
+
+    from .. import registry
+    from ..adapter import resolve
+    from ..serve.api import Limits, create_app
+    from ..serve.engine import Engine
+    from ..serve.forks import ForkStore
+
+    store = ForkStore(int(cache_gib * 2**30), fork_ttl)  # bad settings are refused before the model loads
+    lm = load_model(model)
+    trained = resolve(lm, adapter)
+    name = model if model and model in registry.MODELS else (os.path.basename(model.rstrip("/")) if model
+                                                             else registry.default())
+    engine = Engine(lm, trained, max_queue=max_queue, max_rows=max_rows).start()
+    web = create_app(lm, model_name=name, synthesizer=trained, engine=engine, store=store, api_key=api_key,
+                     limits=Limits(timeout_s=timeout))
+    server = uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=int(timeout)))
+    err.print(f"parsyn: serving {name} at http://{host}:{port} (synthesizer: "
+              f"{'none' if trained is None else adapter}); Ctrl-C or SIGTERM stops it after in-flight requests")
+    try:
+        server.run()  # uvicorn: SIGINT/SIGTERM stop accepting, in-flight requests finish
+    finally:
+        engine.stop(drain=True)
+    if not server.started:
+        raise ValueError(f"could not listen on {host}:{port} (is the port in use?)")
