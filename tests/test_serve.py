@@ -4,14 +4,16 @@ model; answers are checked against the in-process routes on the same branches.""
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
-import uvicorn
 from conftest import tiny_lm
 from openai import OpenAI
 
@@ -22,6 +24,7 @@ from parsyn.sampling import SamplingParams
 from parsyn.serve.api import Limits, create_app
 from parsyn.serve.engine import Engine
 from parsyn.serve.forks import ForkStore
+from parsyn.serve.local import LocalServer, free_port
 from parsyn.synthesis import synthesize
 from parsyn.workers import answer_text, fork, from_texts
 
@@ -29,26 +32,13 @@ QUESTION = "Which city hosts the meeting?"
 BRANCHES = ["The meeting is in Paris.", "It starts at ten.", "Bring a laptop."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
+class Served(LocalServer):
     def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
+        super().__init__(app)
+        self.start()
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.stop()
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +216,71 @@ def test_metrics_count_requests_reuse_and_the_fork_cache(served):
     for name in ("parsyn_queue_depth", "parsyn_batch_rows", "parsyn_fork_cache_bytes", "parsyn_ttft_seconds_bucket",
                  "parsyn_request_seconds_bucket", 'parsyn_prompt_tokens_total{kind="reused"}'):
         assert name in text, name
+
+
+def test_the_command_serves_and_drains_in_flight_requests_on_sigterm(tiny_folder):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "parsyn.cli", "serve", "--model", str(tiny_folder), "--adapter",
+                             "none", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)  # mid-stream: this request still finishes
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and len(rest) > 10 and proc.wait(60) == 0
+        assert proc.stderr.read().startswith(f"parsyn: serving {tiny_folder.name} at {url}")
+    finally:
+        proc.kill()
+    with socket.create_server(("127.0.0.1", port)):
+        busy = subprocess.run([sys.executable, "-m", "parsyn.cli", "serve", "--model", str(tiny_folder), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and busy.stderr.strip().startswith(f"parsyn: error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in busy.stderr
+
+
+def test_the_web_page_runs_workers_and_races_both_routes_in_a_real_browser(served, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(served.url + "/")
+        for field, value in (("workers", "2"), ("worker-tokens", "6"), ("answer-tokens", "6")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "roles").clear()
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done"))
+        assert driver.find_element(By.ID, "status").text == ""
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#branches .branch")) == 2
+        assert all(b.text.strip() for b in driver.find_elements(By.CSS_SELECTOR, "#branches .branch .text"))
+        for route in ("cache", "text"):
+            assert driver.find_element(By.ID, f"timer-{route}").text.startswith("TTFT ")
+            assert driver.find_element(By.CSS_SELECTOR, f"#answer-{route} .text").text.strip()
+            bars = driver.find_elements(By.CSS_SELECTOR, f"#answer-{route} .provenance span")
+            assert bars and {b.get_attribute("class") for b in bars} <= {"reused", "rerotated", "mapped", "recomputed"}
+        cache = driver.find_elements(By.CSS_SELECTOR, "#answer-cache .provenance span")
+        classes = {b.get_attribute("class") for b in cache}
+        assert "rerotated" in classes or "reused" in classes  # the cache route read branch K/V
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        driver.quit()

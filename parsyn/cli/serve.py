@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import MODEL_HELP, app, err, load_model
+from .common import MODEL_HELP, app, load_model
 
 
 @app.command()
@@ -35,6 +38,7 @@ def serve(
     from ..serve.forks import ForkStore
 
     store = ForkStore(int(cache_gib * 2**30), fork_ttl)  # bad settings are refused before the model loads
+    _check_port(host, port)
     lm = load_model(model)
     trained = resolve(lm, adapter)
     name = model if model and model in registry.MODELS else (os.path.basename(model.rstrip("/")) if model
@@ -44,11 +48,22 @@ def serve(
                      limits=Limits(timeout_s=timeout))
     server = uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=int(timeout)))
-    err.print(f"parsyn: serving {name} at http://{host}:{port} (synthesizer: "
-              f"{'none' if trained is None else adapter}); Ctrl-C or SIGTERM stops it after in-flight requests")
+    print(f"parsyn: serving {name} at http://{host}:{port} (synthesizer: {'none' if trained is None else adapter}); "
+          "Ctrl-C or SIGTERM stops it after in-flight requests", file=sys.stderr, flush=True)
+    # uvicorn takes SIGINT/SIGTERM while it runs (stop accepting, let in-flight requests finish) and raises
+    # them again afterwards: ignored by then, so a drained stop exits 0
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        server.run()  # uvicorn: SIGINT/SIGTERM stop accepting, in-flight requests finish
+        server.run()
     finally:
         engine.stop(drain=True)
-    if not server.started:
-        raise ValueError(f"could not listen on {host}:{port} (is the port in use?)")
+    print("parsyn: the server stopped after its in-flight requests", file=sys.stderr)
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

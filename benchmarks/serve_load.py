@@ -1,0 +1,189 @@
+"""Load on `parsyn serve` over loopback: many clients at once against the same requests one at a time.
+
+- HTTP overhead: the client's time to the first streamed token of a cache-route synthesis on a stored
+  fork, against the same synthesis called in-process (medians over --repeats, the same fork);
+- load: --clients clients, each sending --requests chat completions (--workers workers + cache synthesis,
+  --tokens tokens each, streamed): every request must be answered or refused with 429, none lost or
+  duplicated; p50/p99 TTFT (first synthesized token, as the client sees it) and end-to-end latency;
+- throughput: the same kind of requests one at a time (--sequential of them), requests per second.
+
+Bounded: stops after --time-limit seconds (the report says so).
+
+    python benchmarks/serve_load.py --model smollm2-135m --out results/serve_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+
+from parsyn import load, synthesize
+from parsyn.adapter import resolve
+from parsyn.eval import bench
+from parsyn.sampling import SamplingParams
+from parsyn.serve.api import create_app
+from parsyn.serve.engine import Engine
+from parsyn.serve.forks import ForkStore
+from parsyn.serve.local import LocalServer
+from parsyn.workers import from_texts
+
+QUESTION = "When and where is the team meeting, and what should people bring?"
+NOTES = ["Your note says: the team meeting is on Thursday at 10:00.",
+         "Your note says: the meeting takes place in room 204.",
+         "Your note says: everyone should bring their laptop."]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def one_request(url: str, i: int, args, deadline: float) -> dict:
+    """One streamed workflow request; its status, client TTFT and end-to-end time."""
+    body = {"messages": [{"role": "user", "content": f"{QUESTION} (request {i})"}], "max_tokens": args.tokens,
+            "temperature": 0, "seed": i, "stream": True, "user": f"r{i}",
+            "parsyn": {"workers": args.workers, "roles": NOTES[: args.workers] if args.workers <= 3 else None,
+                       "route": "cache", "worker_max_tokens": args.tokens}}
+    t0 = time.perf_counter()
+    first, text, done = None, [], False
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+                          timeout=max(1.0, deadline - time.monotonic())) as r:
+            if r.status_code != 200:
+                r.read()
+                return {"id": i, "status": r.status_code}
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                for c in chunk.get("choices", []):
+                    if c["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        text.append(c["delta"]["content"])
+    except httpx.TransportError as e:
+        return {"id": i, "status": f"transport error: {type(e).__name__}"}
+    end = time.perf_counter()
+    return {"id": i, "status": 200 if done else "cut short", "ttft_s": (first or end) - t0, "e2e_s": end - t0,
+            "chars": len("".join(text))}
+
+
+def http_overhead(url: str, lm, synthesizer, repeats: int) -> dict:
+    fork = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": NOTES}).json()
+    local = from_texts(lm, QUESTION, NOTES)
+    inproc, over_http = [], []
+    for _ in range(repeats):
+        inproc.append(synthesize(lm, local, route="cache", synthesizer=synthesizer,
+                                 sampling=SamplingParams(1)).ttft_s)
+        t0 = time.perf_counter()
+        with httpx.stream("POST", f"{url}/v1/forks/{fork['id']}/synthesize",
+                          json={"max_tokens": 1, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and "fork.synthesis.chunk" in line:
+                    over_http.append(time.perf_counter() - t0)
+                    break
+            for _ in r.iter_lines():
+                pass
+    a, b = statistics.median(inproc), statistics.median(over_http)
+    return {"repeats": repeats, "in_process_ttft_median_s": a, "http_ttft_median_s": b, "added_ms": 1000 * (b - a)}
+
+
+def load_phase(url: str, args, deadline: float) -> dict:
+    ids = list(range(args.clients * args.requests))
+    lock, results = threading.Lock(), []
+
+    def client(c: int) -> None:
+        for i in ids[c * args.requests:(c + 1) * args.requests]:
+            if time.monotonic() > deadline:
+                return
+            r = one_request(url, i, args, deadline)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(client, range(args.clients)))
+    wall = time.perf_counter() - t0
+    return summarize(results, ids, wall)
+
+
+def summarize(results: list[dict], ids: list[int], wall: float) -> dict:
+    ok = [r for r in results if r["status"] == 200]
+    seen = [r["id"] for r in results]
+    return {"sent": len(results), "planned": len(ids), "answered": len(ok),
+            "refused_429": sum(r["status"] == 429 for r in results),
+            "other": [r for r in results if r["status"] not in (200, 429)],
+            "duplicated": len(seen) - len(set(seen)), "wall_s": wall,
+            "requests_per_s": len(ok) / wall if wall else None,
+            "ttft_p50_s": percentile([r["ttft_s"] for r in ok], 0.5),
+            "ttft_p99_s": percentile([r["ttft_s"] for r in ok], 0.99),
+            "e2e_p50_s": percentile([r["e2e_s"] for r in ok], 0.5),
+            "e2e_p99_s": percentile([r["e2e_s"] for r in ok], 0.99)}
+
+
+def sequential_phase(url: str, args, deadline: float) -> dict:
+    base = args.clients * args.requests  # other seeds than the load phase's, the same kind of request
+    results, t0 = [], time.perf_counter()
+    for i in range(base, base + args.sequential):
+        if time.monotonic() > deadline:
+            break
+        results.append(one_request(url, i, args, deadline))
+    return summarize(results, list(range(base, base + args.sequential)), time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model name or path (default: the default model)")
+    parser.add_argument("--adapter", default="auto")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64, help="worker and answer tokens")
+    parser.add_argument("--sequential", type=int, default=8, help="requests run one at a time for the baseline")
+    parser.add_argument("--repeats", type=int, default=20, help="HTTP overhead repeats")
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--time-limit", type=float, default=3600.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.time_limit
+    lm = load(args.model)
+    trained = resolve(lm, args.adapter)
+    engine = Engine(lm, trained, max_queue=args.max_queue).start()
+    app = create_app(lm, model_name=lm.name, synthesizer=trained, engine=engine, store=ForkStore(4 << 30))
+    with LocalServer(app) as url:
+        report = {"environment": bench.environment(lm), "config": vars(args) | {"out": str(args.out)},
+                  "http": http_overhead(url, lm, trained, args.repeats)}
+        print(f"HTTP adds {report['http']['added_ms']:.1f} ms to the cache-route TTFT", file=sys.stderr)
+        report["sequential"] = sequential_phase(url, args, deadline)
+        print(f"one at a time: {report['sequential']['requests_per_s']:.3f} requests/s", file=sys.stderr)
+        report["load"] = load_phase(url, args, deadline)
+    engine.stop()
+    load_, seq = report["load"], report["sequential"]
+    report["throughput_gain"] = (load_["requests_per_s"] / seq["requests_per_s"]
+                                 if load_["requests_per_s"] and seq["requests_per_s"] else None)
+    report["stopped_by_time_limit"] = time.monotonic() > deadline
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    print(f"\n{load_['answered']} of {load_['planned']} answered, {load_['refused_429']} refused (429), "
+          f"{load_['duplicated']} duplicated, {len(load_['other'])} other; TTFT p50 {load_['ttft_p50_s']:.2f} s "
+          f"p99 {load_['ttft_p99_s']:.2f} s; e2e p50 {load_['e2e_p50_s']:.2f} s p99 {load_['e2e_p99_s']:.2f} s; "
+          f"{report['throughput_gain']:.1f}x the throughput of one at a time", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
