@@ -1,11 +1,12 @@
 """Load on `parsyn serve` over loopback: many clients at once against the same requests one at a time.
 
 - HTTP overhead: the client's time to the first streamed token of a cache-route synthesis on a stored
-  fork, against the same synthesis called in-process (medians over --repeats, the same fork);
+  fork, against the same synthesis submitted to the engine in-process (medians over --repeats);
 - load: --clients clients, each sending --requests chat completions (--workers workers + cache synthesis,
   --tokens tokens each, streamed): every request must be answered or refused with 429, none lost or
   duplicated; p50/p99 TTFT (first synthesized token, as the client sees it) and end-to-end latency;
-- throughput: the same kind of requests one at a time (--sequential of them), requests per second.
+- throughput: the same kind of requests one at a time (--sequential of them), requests per second;
+- fork cache: clients storing --forks forks past a --cache-mib budget; its bytes and the process's memory.
 
 Bounded: stops after --time-limit seconds (the report says so).
 
@@ -24,16 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
+import psutil
 
 from parsyn import load, synthesize
 from parsyn.adapter import resolve
 from parsyn.eval import bench
 from parsyn.sampling import SamplingParams
+from parsyn.serve import jobs
 from parsyn.serve.api import create_app
 from parsyn.serve.engine import Engine
 from parsyn.serve.forks import ForkStore
 from parsyn.serve.local import LocalServer
-from parsyn.workers import from_texts
 
 QUESTION = "When and where is the team meeting, and what should people bring?"
 NOTES = ["Your note says: the team meeting is on Thursday at 10:00.",
@@ -80,24 +82,45 @@ def one_request(url: str, i: int, args, deadline: float) -> dict:
             "chars": len("".join(text))}
 
 
-def http_overhead(url: str, lm, synthesizer, repeats: int) -> dict:
-    fork = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": NOTES}).json()
-    local = from_texts(lm, QUESTION, NOTES)
-    inproc, over_http = [], []
+def engine_ttft(engine: Engine, job) -> float:
+    """Submit `job` to the engine in-process; the time to its first token event."""
+    times, done = [], threading.Event()
+
+    def sink(event: tuple) -> None:
+        if event[0] == "token":
+            times.append(event[3])
+        elif event[0] in ("done", "error"):
+            done.set()
+
+    t0 = time.perf_counter()
+    engine.submit(job, sink)
+    done.wait(60)
+    return times[0] - t0
+
+
+def http_overhead(url: str, lm, engine: Engine, store: ForkStore, synthesizer, repeats: int) -> dict:
+    """Time to the first token of the same cache-route synthesis on the same stored fork: called directly
+    on this thread, submitted to the engine in-process, and over HTTP (streamed). HTTP's share is the
+    last against the second: both run on the engine thread (a direct call between them would leave its
+    own OpenMP threads spinning against the engine's)."""
+    fork_id = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": NOTES}).json()["id"]
+    fork, sampling = store.get(fork_id), SamplingParams(1)
+    direct = [synthesize(lm, fork, route="cache", synthesizer=synthesizer, sampling=sampling).ttft_s
+              for _ in range(repeats)]
+    time.sleep(1.0)
+    in_engine, over_http = [], []
     for _ in range(repeats):
-        inproc.append(synthesize(lm, local, route="cache", synthesizer=synthesizer,
-                                 sampling=SamplingParams(1)).ttft_s)
-        t0 = time.perf_counter()
-        with httpx.stream("POST", f"{url}/v1/forks/{fork['id']}/synthesize",
-                          json={"max_tokens": 1, "stream": True}) as r:
+        in_engine.append(engine_ttft(engine, jobs.synthesize(lm, fork, ["cache"], sampling=sampling,
+                                                             synthesizer=synthesizer)))
+        t0, seen = time.perf_counter(), None
+        with httpx.stream("POST", f"{url}/v1/forks/{fork_id}/synthesize", json={"max_tokens": 1, "stream": True}) as r:
             for line in r.iter_lines():
-                if line.startswith("data: ") and "fork.synthesis.chunk" in line:
-                    over_http.append(time.perf_counter() - t0)
-                    break
-            for _ in r.iter_lines():
-                pass
-    a, b = statistics.median(inproc), statistics.median(over_http)
-    return {"repeats": repeats, "in_process_ttft_median_s": a, "http_ttft_median_s": b, "added_ms": 1000 * (b - a)}
+                if seen is None and line.startswith("data: ") and "fork.synthesis.chunk" in line:
+                    seen = time.perf_counter() - t0
+        over_http.append(seen)
+    d, e, h = (statistics.median(x) for x in (direct, in_engine, over_http))
+    return {"repeats": repeats, "direct_ttft_median_s": d, "engine_ttft_median_s": e, "http_ttft_median_s": h,
+            "added_ms": 1000 * (h - e), "engine_vs_direct_ms": 1000 * (e - d)}
 
 
 def load_phase(url: str, args, deadline: float) -> dict:
@@ -133,6 +156,40 @@ def summarize(results: list[dict], ids: list[int], wall: float) -> dict:
             "e2e_p99_s": percentile([r["e2e_s"] for r in ok], 0.99)}
 
 
+def fork_phase(url: str, store: ForkStore, args, deadline: float) -> dict:
+    """Clients storing forks (and synthesizing on them) past the fork cache's budget: the bytes it holds,
+    sampled throughout, stay within the budget; the process's resident memory is sampled alongside."""
+    process, peak, stop = psutil.Process(), {"store": 0, "rss": 0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["store"] = max(peak["store"], store.bytes)
+            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+            time.sleep(0.01)
+
+    def client(c: int) -> int:
+        kept = 0
+        for i in range(args.forks // args.clients):
+            if time.monotonic() > deadline:
+                break
+            texts = [f"{note} (client {c}, fork {i}) " + "More detail. " * 40 for note in NOTES]
+            fork = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": texts}, timeout=300).json()
+            r = httpx.post(f"{url}/v1/forks/{fork['id']}/synthesize", json={"max_tokens": 4}, timeout=300)
+            kept += r.status_code == 200
+        return kept
+
+    rss0 = process.memory_info().rss
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(args.clients) as pool:
+        synthesized = sum(pool.map(client, range(args.clients)))
+    stop.set()
+    watcher.join()
+    return {"forks": args.forks // args.clients * args.clients, "synthesized": synthesized,
+            "budget_bytes": store.budget, "peak_store_bytes": peak["store"], "evictions": store.evictions,
+            "within_budget": peak["store"] <= store.budget, "rss_start_bytes": rss0, "rss_peak_bytes": peak["rss"]}
+
+
 def sequential_phase(url: str, args, deadline: float) -> dict:
     base = args.clients * args.requests  # other seeds than the load phase's, the same kind of request
     results, t0 = [], time.perf_counter()
@@ -154,6 +211,8 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=8, help="requests run one at a time for the baseline")
     parser.add_argument("--repeats", type=int, default=20, help="HTTP overhead repeats")
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--forks", type=int, default=256, help="forks stored in the fork-cache phase")
+    parser.add_argument("--cache-mib", type=float, default=64, help="the fork cache's budget in that phase")
     parser.add_argument("--time-limit", type=float, default=3600.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -161,14 +220,16 @@ def main() -> None:
     lm = load(args.model)
     trained = resolve(lm, args.adapter)
     engine = Engine(lm, trained, max_queue=args.max_queue).start()
-    app = create_app(lm, model_name=lm.name, synthesizer=trained, engine=engine, store=ForkStore(4 << 30))
+    store = ForkStore(int(args.cache_mib * 2**20))
+    app = create_app(lm, model_name=lm.name, synthesizer=trained, engine=engine, store=store)
     with LocalServer(app) as url:
         report = {"environment": bench.environment(lm), "config": vars(args) | {"out": str(args.out)},
-                  "http": http_overhead(url, lm, trained, args.repeats)}
+                  "http": http_overhead(url, lm, engine, store, trained, args.repeats)}
         print(f"HTTP adds {report['http']['added_ms']:.1f} ms to the cache-route TTFT", file=sys.stderr)
         report["sequential"] = sequential_phase(url, args, deadline)
         print(f"one at a time: {report['sequential']['requests_per_s']:.3f} requests/s", file=sys.stderr)
         report["load"] = load_phase(url, args, deadline)
+        report["fork_cache"] = fork_phase(url, store, args, deadline)
     engine.stop()
     load_, seq = report["load"], report["sequential"]
     report["throughput_gain"] = (load_["requests_per_s"] / seq["requests_per_s"]
@@ -179,6 +240,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     print(text)
+    f = report["fork_cache"]
+    print(f"fork cache: peak {f['peak_store_bytes'] / 2**20:.1f} MiB of a {f['budget_bytes'] / 2**20:.0f} MiB budget "
+          f"({f['evictions']} evictions); resident memory {f['rss_start_bytes'] / 2**30:.2f} -> "
+          f"{f['rss_peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
     print(f"\n{load_['answered']} of {load_['planned']} answered, {load_['refused_429']} refused (429), "
           f"{load_['duplicated']} duplicated, {len(load_['other'])} other; TTFT p50 {load_['ttft_p50_s']:.2f} s "
           f"p99 {load_['ttft_p99_s']:.2f} s; e2e p50 {load_['e2e_p50_s']:.2f} s p99 {load_['e2e_p99_s']:.2f} s; "

@@ -4,7 +4,6 @@ model; answers are checked against the in-process routes on the same branches.""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import httpx2 as httpx
 import pytest
 from conftest import tiny_lm
 from openai import OpenAI
+from page_screenshot import chromium, run_page  # benchmarks/: the page driven the same way there
 
 from parsyn.chat import ChatFormat
 from parsyn.decode import Row, decode
@@ -49,7 +49,7 @@ def lm(tokenizer):
 @pytest.fixture(scope="module")
 def served(lm):
     engine = Engine(lm, max_queue=8).start()
-    store = ForkStore(1 << 20, ttl_s=600)
+    store = ForkStore(4 << 20, ttl_s=600)
     app = create_app(lm, model_name="tiny", engine=engine, store=store, limits=Limits(max_body_bytes=64_000))
     s = Served(app)
     s.engine, s.store = engine, store
@@ -143,8 +143,9 @@ def test_fork_handles_synthesize_again_grow_and_go(served, lm):
 
 def test_forks_are_evicted_least_recently_used_within_the_byte_budget(served):
     url = served.url + "/v1/forks"
-    ids = [httpx.post(url, json={"question": f"{QUESTION} {i}", "branches": BRANCHES}).json()["id"]
-           for i in range(60)]
+    branches = [b + " More detail." * 30 for b in BRANCHES]  # about 160 KiB of K/V a fork
+    ids = [httpx.post(url, json={"question": f"{QUESTION} {i}", "branches": branches}).json()["id"]
+           for i in range(40)]
     assert served.store.bytes <= served.store.budget and served.store.evictions > 0
     gone = httpx.get(f"{url}/{ids[0]}")
     assert gone.status_code == 404 and "evicted" in gone.json()["error"]["message"]
@@ -160,6 +161,7 @@ def test_forks_are_evicted_least_recently_used_within_the_byte_budget(served):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100_000}, 400, "positions"),
     ({"messages": [{"role": "user", "content": "x" * 70_000}]}, 413, "over 64000 bytes"),
     ({"messages": [{"role": "assistant", "content": "x"}], "parsyn": {}}, 400, "one user message"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "not served here"),
 ])
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(served, client, body, status, says):
     raw = isinstance(body, bytes)
@@ -179,7 +181,9 @@ def test_a_client_gone_mid_stream_leaves_the_batch(served):
     while (served.engine.rows or served.engine.active) and time.time() < deadline:
         time.sleep(0.05)
     assert served.engine.rows == 0 and not served.engine.active
-    assert httpx.get(served.url + "/healthz").json()["status"] == "ok"
+    body = {**body, "max_tokens": 2, "stream": False, "temperature": 0}
+    good = httpx.post(served.url + "/v1/chat/completions", json=body)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
 
 
 def test_a_full_queue_answers_429_with_retry_after(lm):
@@ -249,26 +253,12 @@ def test_the_command_serves_and_drains_in_flight_requests_on_sigterm(tiny_folder
 
 
 def test_the_web_page_runs_workers_and_races_both_routes_in_a_real_browser(served, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = chromium()
     try:
-        driver.get(served.url + "/")
-        for field, value in (("workers", "2"), ("worker-tokens", "6"), ("answer-tokens", "6")):
-            box = driver.find_element(By.ID, field)
-            box.clear()
-            box.send_keys(value)
-        driver.find_element(By.ID, "roles").clear()
-        driver.find_element(By.ID, "go").click()
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done"))
+        run_page(driver, served.url + "/", {"workers": "2", "worker-tokens": "6", "answer-tokens": "6", "roles": ""},
+                 timeout_s=60)
         assert driver.find_element(By.ID, "status").text == ""
         assert len(driver.find_elements(By.CSS_SELECTOR, "#branches .branch")) == 2
         assert all(b.text.strip() for b in driver.find_elements(By.CSS_SELECTOR, "#branches .branch .text"))
@@ -284,3 +274,17 @@ def test_the_web_page_runs_workers_and_races_both_routes_in_a_real_browser(serve
         assert (tmp_path / "page.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_a_route_that_fails_after_another_started_leaves_no_rows_behind(served):
+    long = ["word " * 1400] * 3  # the text route's prompt passes the tiny model's 4096 positions, the cache's not
+    f = httpx.post(served.url + "/v1/forks", json={"question": QUESTION, "branches": long}, timeout=60).json()
+    r = httpx.post(f"{served.url}/v1/forks/{f['id']}/synthesize", json={"route": "both", "max_tokens": 500},
+                   timeout=60)
+    assert r.status_code == 400 and "positions" in r.json()["error"]["message"]
+    deadline = time.time() + 10
+    while served.engine.rows and time.time() < deadline:
+        time.sleep(0.02)
+    assert served.engine.rows == 0 and not served.engine.active
+    alone = httpx.post(f"{served.url}/v1/forks/{f['id']}/synthesize", json={"route": "cache", "max_tokens": 4})
+    assert alone.status_code == 200

@@ -112,10 +112,11 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
             if any(item.id not in done for item in group):  # a group runs whole, so its numbers never depend
                 fresh = evaluate_items(lm, group, config, methods, trained)  # on where a run was stopped
                 records.extend(r for item, r in zip(group, fresh) if item.id not in done)
+            short = [item for item in group if item.id in done and "prefix_ids" in done[item.id]
+                     and [m for m in methods if m not in done[item.id]["methods"]]]
+            if short:
+                records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
             for item in group:
-                if (item.id in done and "prefix_ids" in done[item.id]
-                        and [m for m in methods if m not in done[item.id]["methods"]]):
-                    records.append(complete_item(lm, item, done[item.id], config, methods, trained))
                 n += 1
                 if progress:
                     progress(n, len(items), item.task)
@@ -162,14 +163,15 @@ def evaluate_items(lm: LM, items: Sequence[T.Item], config: EvalConfig, methods:
              "workers_s": workers_s, "methods": got} for item, f, got in zip(items, forks[::step], results)]
 
 
-def complete_item(lm: LM, item: T.Item, record: dict, config: EvalConfig, methods: Sequence[str],
-                  trained: Synthesizer | None) -> dict:
-    """`record` with the methods it lacks (a synthesizer that fits the model now, say) run on its very
-    branches, rebuilt from their token ids; what it holds is kept as it is."""
-    branches = record["branches"]
-    f = from_ids(lm, item.question, record["prefix_ids"], [b["token_ids"] for b in branches],
-                 texts=[b["text"] for b in branches], roles=[b["role"] for b in branches])
-    return {**record, "methods": _methods(lm, [item], [f], config, methods, trained, [record["methods"]])[0]}
+def complete_items(lm: LM, items: Sequence[T.Item], records: Sequence[dict], config: EvalConfig,
+                   methods: Sequence[str], trained: Synthesizer | None) -> list[dict]:
+    """`records` with the methods they lack (a synthesizer that fits the model now, say) run on their very
+    branches, rebuilt from their token ids, all synthesized together; what they hold is kept as it is."""
+    forks = [from_ids(lm, item.question, r["prefix_ids"], [b["token_ids"] for b in r["branches"]],
+                      texts=[b["text"] for b in r["branches"]], roles=[b["role"] for b in r["branches"]])
+             for item, r in zip(items, records)]
+    results = _methods(lm, items, forks, config, methods, trained, [r["methods"] for r in records])
+    return [{**r, "methods": got} for r, got in zip(records, results)]
 
 
 def _methods(lm: LM, items: Sequence[T.Item], forks: Sequence, config: EvalConfig, methods: Sequence[str],

@@ -120,6 +120,9 @@ def _openai_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: S.ChatRequest, http: Request):
+        if body.model is not None and body.model != ctx.model_name:
+            raise APIError(404, f"model {body.model!r} is not served here (this server serves {ctx.model_name!r})",
+                           "not_found_error", "model_not_found")
         sampling = _sampling(body, ctx.limits, default_temperature=1.0)
         if body.parsyn is None:
             job = jobs.chat(ctx.lm, [m.model_dump(exclude_none=True) for m in body.messages], sampling, body.n)

@@ -210,9 +210,9 @@ class Engine:
         """Hand finished rows to their jobs; resume the jobs whose awaited rows are all done."""
         batch = self.batch
         for key in list(batch.results):
-            result = batch.results.pop(key)
+            result = batch.results.pop(key, None)
             request = self.active.get(key[0])
-            if request is None:
+            if request is None or result is None:  # its request ended meanwhile
                 continue
             request.running.discard(key)
             request.done.results[key[1]] = result
@@ -227,16 +227,17 @@ class Engine:
             if request.deadline is not None and now > request.deadline:
                 request.cancel("the request ran past its deadline")
             if request.cancelled:
-                if self.batch is not None and request.running:
-                    self.batch.remove(list(request.running))
-                    for key in list(request.running):
-                        self.batch.results.pop(key, None)
-                    if not self.batch.live:
-                        self.batch = None
-                request.running.clear()
                 request.job.close()
                 self._end(request, ("error", Cancelled(request.cancelled)))
 
     def _end(self, request: Request, event: tuple) -> None:
+        """The request is over (done, failed or cancelled): rows it still has leave the batch now."""
+        if self.batch is not None and request.running:
+            self.batch.remove(list(request.running))
+            for key in request.running:
+                self.batch.results.pop(key, None)
+            if not self.batch.live:
+                self.batch = None
+        request.running.clear()
         self.active.pop(request.id, None)
         request.sink(event)
