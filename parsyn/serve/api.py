@@ -236,9 +236,7 @@ def _roles(roles: list[str] | None, workers: int) -> list[str | None]:
 
 def _fork_object(fork_id: str, fork: Fork, store: ForkStore) -> dict:
     info = store.info(fork_id)
-    return {"id": fork_id, "object": "fork", "question": fork.question, "system": fork.system,
-            "prefix_tokens": len(fork.prefix_ids), "bytes": info["bytes"], "expires_in_s": round(info["expires_in_s"]),
-            "branches": [{"id": f"b{i}", "role": b.role, "text": b.text, "tokens": len(b.token_ids)}
-                         for i, b in enumerate(fork.branches)]}
+    return {"id": fork_id, "object": "fork", **C.fork_summary(fork), "system": fork.system, "bytes": info["bytes"],
+            "expires_in_s": round(info["expires_in_s"])}
 
 

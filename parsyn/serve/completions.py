@@ -66,7 +66,7 @@ async def chat(http, engine, job, body: S.ChatRequest, model: str, limits: Limit
 
 
 def answer(s: Synthesis, fork: Fork) -> dict:
-    context = len(fork.prefix_ids) + sum(len(b.token_ids) for b in fork.branches)
+    context = context_tokens(fork)
     return {"route": s.route, "layout": s.layout, "answer": s.answer, "tokens": len(s.token_ids),
             "ttft_s": s.ttft_s, "total_s": s.total_s, "prefill_tokens": s.prefill_tokens,
             "cached_tokens": context if s.route == "cache" else 0, "provenance": [asdict(p) for p in s.provenance]}
@@ -118,6 +118,11 @@ async def workflow(http, engine, job, body: S.ChatRequest, routes: list[str], mo
         return [_chunk(cid, model, [], parsyn=done["parsyn"], **({"usage": done["usage"]} if usage else {}))]
 
     return StreamingResponse(events(http, bridge, first, deltas, last), media_type="text/event-stream")
+
+
+def context_tokens(fork: Fork) -> int:
+    """Tokens of the synthesis context the branches' K/V already hold: the prefix and every branch."""
+    return len(fork.prefix_ids) + sum(len(b.token_ids) for b in fork.branches)
 
 
 def fork_summary(fork: Fork) -> dict:

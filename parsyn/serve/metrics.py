@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .completions import context_tokens
+
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 
 
@@ -37,7 +39,7 @@ class Metrics:
         self._e2e.labels("chat.engine").observe(seconds)
 
     def synthesized(self, answers: dict, fork) -> None:
-        context = len(fork.prefix_ids) + sum(len(b.token_ids) for b in fork.branches)
+        context = context_tokens(fork)
         for route, s in answers.items():
             self.ttft(route, s.ttft_s)
             reused = context if route == "cache" else 0
