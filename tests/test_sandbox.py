@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from parsyn.eval import sandbox as S
-from parsyn.eval.sandbox import STATUSES, Limits, Result, isolation, run
+from parsyn.tools import sandbox as S
+from parsyn.tools.sandbox import STATUSES, Limits, Result, isolation, run
 
 FAST = Limits(timeout_s=5.0)
 

@@ -28,7 +28,7 @@ from .. import datasets as D
 from .. import probe as P
 from ..scoring import contains_answer
 from ..scoring import normalize_answer as normalize_span
-from . import sandbox
+from ..tools import sandbox
 
 KINDS = ("number", "math", "choice", "yesno", "span", "code")
 LETTERS = "ABCDE"

@@ -1,4 +1,4 @@
-"""Run untrusted Python (model-written solutions plus their tests) isolated by bubblewrap.
+"""Run untrusted Python (model-written solutions plus their tests, or an agent's program) isolated by bubblewrap.
 
     result = run(solution + "\\n" + tests, limits=Limits(timeout_s=5))
     result.status  # "passed" | "failed" | "timeout" | "memory" | "error"
@@ -31,6 +31,8 @@ What a run guarantees and how; in brackets the tests (tests/test_sandbox.py, `te
   the deadline; `python -I` and a minimal environment (PATH, HOME, TMPDIR, LANG).
   [unbounded_memory_is_reported_as_memory, threads_burning_cpu_time_out, output_past_the_file_limit_fails_...,
   a_fork_bomb_is_contained_and_ends_at_the_deadline, fresh_folder_is_removed_and_environment_is_minimal]
+- The output is stdout and stderr together in the order written (`python -u`), its last `Limits.output_chars`
+  kept. [output_is_a_bounded_tail; tests/test_tools.py: python_tool_output_keeps_the_order_written]
 - `run` never raises for what the code does, to its folder or otherwise; it raises TypeError for code that is
   not str, and RuntimeError naming what is missing where bubblewrap (or setpriv, as root) is missing or cannot
   isolate here: it never runs code unisolated.
@@ -293,7 +295,8 @@ def run(code: str, *, limits: Limits = Limits()) -> Result:
 def _command(prefix: list[str], limits: Limits, key_fd: int, proof_fd: int) -> list[str]:
     cpu_s = math.ceil(limits.timeout_s) + 1
     numbers = (key_fd, proof_fd, limits.memory_bytes, cpu_s, limits.file_bytes, limits.open_files, limits.processes)
-    return [*prefix, sys.executable, "-I", "-c", _RUNNER, *map(str, numbers)]
+    # -u: stdout unbuffered like stderr, so the two interleave in the output as the code wrote them
+    return [*prefix, sys.executable, "-I", "-u", "-c", _RUNNER, *map(str, numbers)]
 
 
 def _execute(prefix: list[str], source_fd: int, folder: str, output, limits: Limits,
