@@ -193,6 +193,7 @@ class Batch:
         if kept:
             index = torch.tensor(kept, device=self.state.key_pos.device)
             self.state.select_(index)
+            self.state.trim_()
             self.logits = self.logits.index_select(0, index)
 
     def remove(self, keys: Sequence[Hashable]) -> None:
@@ -216,14 +217,17 @@ class Batch:
         r.feed = r.feed + list(ids)
         r.status = "running"
 
-    def add(self, other: Batch) -> None:
-        """Take the rows of `other` (prefilled on its own: another request) into this batch."""
-        if self.lm is not other.lm or self.adapter is not other.adapter or set(self.keys) & set(other.keys):
+    def add(self, *others: Batch) -> None:
+        """Take the rows of `others` (each prefilled on its own: other requests) into this batch, in one
+        stack of the states."""
+        keys = self.keys + [k for o in others for k in o.keys]
+        if any(o.lm is not self.lm or o.adapter is not self.adapter for o in others) or len(set(keys)) != len(keys):
             raise ValueError("can only join rows of the same model and adapter, with new keys")
-        self.state = stack([self.state, other.state])
-        self.logits = torch.cat([self.logits, other.logits])
-        self.live += other.live
-        other.live = []
+        self.state = stack([self.state, *(o.state for o in others)])
+        self.logits = torch.cat([self.logits, *(o.logits for o in others)])
+        for o in others:
+            self.live += o.live
+            o.live = []
 
     def _find(self, key: Hashable) -> _Live:
         for r in self.live:

@@ -56,6 +56,22 @@ class State:
         if self.key_bias is not None:
             self.key_bias = self.key_bias[rows]
 
+    def trim_(self) -> None:
+        """Drop the leading slots that are padding in every row (in place). Rows that left a long-lived
+        batch leave such slots behind; without trimming, a batch that never empties (a serving engine
+        under load) would attend over an ever wider cache. Masked slots carry no weight: exact."""
+        used = torch.nonzero((self.key_pos >= 0).any(0))
+        first = int(used[0]) if len(used) else self.key_pos.shape[1]
+        if first == 0:
+            return
+        layers = [layer_tensors(layer) for layer in self.cache.layers]
+        width = self.key_pos.shape[1] - first
+        self.cache = to_cache(KV(tuple(k[:, :, first:] for k, _ in layers), tuple(v[:, :, first:] for _, v in layers),
+                                 torch.arange(width)))
+        self.key_pos = self.key_pos[:, first:]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[:, first:]
+
 
 def stack(states: Sequence[State]) -> State:
     """One state holding the rows of every state in order; shorter caches are padded in front (slots at

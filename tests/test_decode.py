@@ -127,6 +127,31 @@ def test_rows_join_and_leave_between_steps(tokenizer):
     assert batch.results["c"].finish == "removed" and batch.results["c"].tokens == alone["c"][:4]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_batch_that_never_empties_drops_the_padding_rows_leave_behind(tokenizer, family):
+    """A long row leaves and a short one joins, again and again (a serving engine under load): the cache
+    stays as wide as its longest live row, and every row still decodes as a fresh prefill would."""
+    lm = tiny_lm(family, tokenizer)
+    batch = Batch(lm, *prefill_rows(lm, [list(range(5, 45)), [7, 8, 9]]),
+                  [Row("long", SamplingParams(2)), Row("s0", SamplingParams(30))])
+    steps = batch.steps()
+    for k in range(1, 6):
+        for _ in range(3):
+            next(steps)
+        batch.add(Batch(lm, *prefill_rows(lm, [list(range(100, 140))]), [Row(f"long{k}", SamplingParams(2))]))
+    for _ in range(3):
+        next(steps)
+    assert set(batch.keys) == {"s0"}
+    assert (batch.state.key_pos >= 0).any(0).all()  # no slot is padding in every row
+    s0 = batch._find("s0")
+    torch.testing.assert_close(batch.logits[0], fresh_logits(lm, [7, 8, 9] + s0.tokens[:-1]), atol=1e-4, rtol=0)
+    for _ in steps:
+        pass
+    alone = decode(lm, *prefill_rows(lm, [[7, 8, 9]]), [Row("s0", SamplingParams(30))])[0]
+    assert batch.results["s0"].tokens == alone.tokens
+    assert all(batch.results[f"long{k}"].tokens == batch.results["long1"].tokens for k in range(2, 6))
+
+
 def test_sampled_rows_do_not_depend_on_their_batch(tokenizer):
     lm = tiny_lm("qwen3", tokenizer)
     hot = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
