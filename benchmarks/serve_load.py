@@ -1,11 +1,13 @@
 """Load on `parsyn serve` over loopback: many clients at once against the same requests one at a time.
 
 - HTTP overhead: the client's time to the first streamed token of a cache-route synthesis on a stored
-  fork, against the same synthesis submitted to the engine in-process (medians over --repeats);
+  fork, against the same synthesis submitted to the engine in-process, alternating (the median of the
+  paired differences over --repeats); every client keeps one connection, as the openai client does;
 - load: --clients clients, each sending --requests chat completions (--workers workers + cache synthesis,
   --tokens tokens each, streamed): every request must be answered or refused with 429, none lost or
   duplicated; p50/p99 TTFT (first synthesized token, as the client sees it) and end-to-end latency;
 - throughput: the same kind of requests one at a time (--sequential of them), requests per second;
+  the clients of both run in a process of their own, as a real server's clients do;
 - fork cache: clients storing --forks forks past a --cache-mib budget; its bytes and the process's memory.
 
 Bounded: stops after --time-limit seconds (the report says so).
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
@@ -50,8 +53,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def one_request(url: str, i: int, args, deadline: float) -> dict:
-    """One streamed workflow request; its status, client TTFT and end-to-end time."""
+def one_request(client: httpx.Client, url: str, i: int, args, deadline: float) -> dict:
+    """One streamed workflow request on `client` (a client keeps its connection, as the openai client does);
+    its status, client TTFT and end-to-end time."""
     body = {"messages": [{"role": "user", "content": f"{QUESTION} (request {i})"}], "max_tokens": args.tokens,
             "temperature": 0, "seed": i, "stream": True, "user": f"r{i}",
             "parsyn": {"workers": args.workers, "roles": NOTES[: args.workers] if args.workers <= 3 else None,
@@ -59,8 +63,8 @@ def one_request(url: str, i: int, args, deadline: float) -> dict:
     t0 = time.perf_counter()
     first, text, done = None, [], False
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body,
-                          timeout=max(1.0, deadline - time.monotonic())) as r:
+        with client.stream("POST", url + "/v1/chat/completions", json=body,
+                           timeout=max(1.0, deadline - time.monotonic())) as r:
             if r.status_code != 200:
                 r.read()
                 return {"id": i, "status": r.status_code}
@@ -103,7 +107,8 @@ def http_overhead(url: str, lm, engine: Engine, store: ForkStore, synthesizer, r
     on this thread, submitted to the engine in-process, and over HTTP (streamed). HTTP's share is the
     last against the second: both run on the engine thread (a direct call between them would leave its
     own OpenMP threads spinning against the engine's)."""
-    fork_id = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": NOTES}).json()["id"]
+    client = httpx.Client(timeout=60)
+    fork_id = client.post(url + "/v1/forks", json={"question": QUESTION, "branches": NOTES}).json()["id"]
     fork, sampling = store.get(fork_id), SamplingParams(1)
     direct = [synthesize(lm, fork, route="cache", synthesizer=synthesizer, sampling=sampling).ttft_s
               for _ in range(repeats)]
@@ -113,32 +118,50 @@ def http_overhead(url: str, lm, engine: Engine, store: ForkStore, synthesizer, r
         in_engine.append(engine_ttft(engine, jobs.synthesize(lm, fork, ["cache"], sampling=sampling,
                                                              synthesizer=synthesizer)))
         t0, seen = time.perf_counter(), None
-        with httpx.stream("POST", f"{url}/v1/forks/{fork_id}/synthesize", json={"max_tokens": 1, "stream": True}) as r:
+        with client.stream("POST", f"{url}/v1/forks/{fork_id}/synthesize", json={"max_tokens": 1, "stream": True}) as r:
             for line in r.iter_lines():
                 if seen is None and line.startswith("data: ") and "fork.synthesis.chunk" in line:
                     seen = time.perf_counter() - t0
         over_http.append(seen)
+    client.close()
     d, e, h = (statistics.median(x) for x in (direct, in_engine, over_http))
+    paired = statistics.median(b - a for a, b in zip(in_engine, over_http))
     return {"repeats": repeats, "direct_ttft_median_s": d, "engine_ttft_median_s": e, "http_ttft_median_s": h,
-            "added_ms": 1000 * (h - e), "engine_vs_direct_ms": 1000 * (e - d)}
+            "added_ms": 1000 * paired, "added_ms_of_medians": 1000 * (h - e), "engine_vs_direct_ms": 1000 * (e - d)}
+
+
+def run_clients(url: str, plan: list[list[int]], args, seconds: float) -> tuple[list[dict], float]:
+    """One thread per client, client c sending the requests plan[c] one after another; their results and the
+    wall time. Run in a process of its own (`elsewhere`): clients of a real server do not share its
+    interpreter, and in-process client threads would take the engine's turns at the interpreter lock."""
+    deadline = time.monotonic() + seconds
+    lock, results = threading.Lock(), []
+
+    def client(ids: list[int]) -> None:
+        with httpx.Client() as http:
+            for i in ids:
+                if time.monotonic() > deadline:
+                    return
+                r = one_request(http, url, i, args, deadline)
+                with lock:
+                    results.append(r)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(plan)) as pool:
+        list(pool.map(client, plan))
+    return results, time.perf_counter() - t0
+
+
+def elsewhere(fn, *arguments):
+    """fn(*arguments) in a fresh process (spawned: nothing of the server's state goes with it)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *arguments).result()
 
 
 def load_phase(url: str, args, deadline: float) -> dict:
     ids = list(range(args.clients * args.requests))
-    lock, results = threading.Lock(), []
-
-    def client(c: int) -> None:
-        for i in ids[c * args.requests:(c + 1) * args.requests]:
-            if time.monotonic() > deadline:
-                return
-            r = one_request(url, i, args, deadline)
-            with lock:
-                results.append(r)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        list(pool.map(client, range(args.clients)))
-    wall = time.perf_counter() - t0
+    plan = [ids[c * args.requests:(c + 1) * args.requests] for c in range(args.clients)]
+    results, wall = elsewhere(run_clients, url, plan, args, deadline - time.monotonic())
     return summarize(results, ids, wall)
 
 
@@ -169,13 +192,14 @@ def fork_phase(url: str, store: ForkStore, args, deadline: float) -> dict:
 
     def client(c: int) -> int:
         kept = 0
-        for i in range(args.forks // args.clients):
-            if time.monotonic() > deadline:
-                break
-            texts = [f"{note} (client {c}, fork {i}) " + "More detail. " * 40 for note in NOTES]
-            fork = httpx.post(url + "/v1/forks", json={"question": QUESTION, "branches": texts}, timeout=300).json()
-            r = httpx.post(f"{url}/v1/forks/{fork['id']}/synthesize", json={"max_tokens": 4}, timeout=300)
-            kept += r.status_code == 200
+        with httpx.Client(timeout=300) as http:
+            for i in range(args.forks // args.clients):
+                if time.monotonic() > deadline:
+                    break
+                texts = [f"{note} (client {c}, fork {i}) " + "More detail. " * 40 for note in NOTES]
+                fork = http.post(url + "/v1/forks", json={"question": QUESTION, "branches": texts}).json()
+                r = http.post(f"{url}/v1/forks/{fork['id']}/synthesize", json={"max_tokens": 4})
+                kept += r.status_code == 200
         return kept
 
     rss0 = process.memory_info().rss
@@ -192,12 +216,9 @@ def fork_phase(url: str, store: ForkStore, args, deadline: float) -> dict:
 
 def sequential_phase(url: str, args, deadline: float) -> dict:
     base = args.clients * args.requests  # other seeds than the load phase's, the same kind of request
-    results, t0 = [], time.perf_counter()
-    for i in range(base, base + args.sequential):
-        if time.monotonic() > deadline:
-            break
-        results.append(one_request(url, i, args, deadline))
-    return summarize(results, list(range(base, base + args.sequential)), time.perf_counter() - t0)
+    ids = list(range(base, base + args.sequential))
+    results, wall = elsewhere(run_clients, url, [ids], args, deadline - time.monotonic())
+    return summarize(results, ids, wall)
 
 
 def main() -> None:

@@ -87,20 +87,42 @@ def _errors(app: FastAPI) -> None:
 
 def _guard(app: FastAPI, ctx: Context) -> None:
     """The API key, the body size limit, and request metrics."""
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        token = request.headers.get("authorization")
-        if ctx.api_key and request.url.path != "/healthz" and token != f"Bearer {ctx.api_key}":
-            return JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)",
-                                           "authentication_error", "invalid_api_key"), 401)
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > ctx.limits.max_body_bytes):
-            return JSONResponse(error_body(f"the request body is over {ctx.limits.max_body_bytes} bytes",
-                                           "invalid_request_error", "body_too_large"), 413)
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        ctx.metrics.request(request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(Guard, ctx=ctx)
+
+
+class Guard:
+    """ASGI middleware (plain ASGI, not Starlette's BaseHTTPMiddleware, which relays every streamed chunk
+    through a stream of its own): refuses a missing key (401) or an oversized body (413) before the app
+    runs, and records each request's status and time to its last byte."""
+
+    def __init__(self, app, ctx: Context):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ctx, path = self.ctx, scope["path"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = None
+        if ctx.api_key and path != "/healthz" and headers.get("authorization") != f"Bearer {ctx.api_key}":
+            refusal = JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)",
+                                              "authentication_error", "invalid_api_key"), 401)
+        size = headers.get("content-length")
+        if refusal is None and size is not None and (not size.isdigit() or int(size) > ctx.limits.max_body_bytes):
+            refusal = JSONResponse(error_body(f"the request body is over {ctx.limits.max_body_bytes} bytes",
+                                              "invalid_request_error", "body_too_large"), 413)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def timed(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                ctx.metrics.request(path, status[0], time.perf_counter() - t0)
+
+        await self.app(scope, receive, timed)
 
 
 def _openai_routes(app: FastAPI, ctx: Context) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -48,11 +50,18 @@ def failure(error: BaseException) -> APIError:
 
 
 class Bridge:
-    """One engine request as seen from the event loop: its events in an asyncio queue."""
+    """One engine request as seen from the event loop: its events in an asyncio queue.
+
+    The engine hands over events as it makes them (a step's tokens for every row of the request); they
+    cross to the event loop in batches: one wake-up of the loop carries all events that arrived since the
+    last, and a stream writes them in one chunk, so a request with many rows costs the loop little."""
 
     def __init__(self, engine: Engine, job, timeout_s: float):
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
+        self._arrived: deque = deque()  # filled by the engine thread, emptied on the loop
+        self._lock = threading.Lock()
+        self._scheduled = False
         try:
             self.request = engine.submit(job, self._sink, timeout_s=timeout_s)
         except Busy as busy:
@@ -62,11 +71,28 @@ class Bridge:
             raise APIError(503, str(stopping), "server_error", "shutting_down") from None
 
     def _sink(self, event: tuple) -> None:  # the engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self._arrived.append(event)
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the loop: everything that arrived, in order
+        with self._lock:
+            self._scheduled = False  # before draining: an event appended from now on schedules again
+        while self._arrived:
+            self.events.put_nowait(self._arrived.popleft())
+
+    def ready(self) -> list[tuple]:
+        """The events already here, without waiting."""
+        return [self.events.get_nowait() for _ in range(self.events.qsize())]
 
     async def next(self, http: Request | None = None) -> tuple:
         """The next event; a client that disconnects meanwhile cancels the request."""
         while True:
+            if not self.events.empty():
+                return self.events.get_nowait()
             try:
                 return await asyncio.wait_for(self.events.get(), 0.25)
             except asyncio.TimeoutError:
@@ -106,22 +132,27 @@ async def first_event(bridge: Bridge, http: Request) -> tuple:
 
 
 async def events(http, bridge: Bridge, first: tuple, deltas, last):
-    """Server-sent events of one request; ends with [DONE]. A client gone mid-stream cancels the request."""
+    """Server-sent events of one request; ends with [DONE]. The events waiting at each wake-up go out
+    as one write. A client gone mid-stream cancels the request."""
     try:
-        event = first
+        arrived = [first]
         while True:
-            if event[0] == "done":
-                for chunk in last(event[1]):
-                    yield sse(chunk)
-                break
-            if event[0] == "error":
-                e = failure(event[1])
-                yield sse(error_body(e.message, e.kind, e.code))
-                break
-            for chunk in deltas(event):
-                yield sse(chunk)
-            event = await bridge.next(http)
-        yield sse("[DONE]")
+            out: list[str] = []
+            for event in arrived:
+                if event[0] == "done":
+                    out += [sse(chunk) for chunk in last(event[1])]
+                elif event[0] == "error":
+                    e = failure(event[1])
+                    out.append(sse(error_body(e.message, e.kind, e.code)))
+                else:
+                    out += [sse(chunk) for chunk in deltas(event)]
+                    continue
+                out.append(sse("[DONE]"))
+                yield "".join(out)
+                return
+            if out:
+                yield "".join(out)
+            arrived = [await bridge.next(http), *bridge.ready()]
     except asyncio.CancelledError:
         bridge.cancel("the client disconnected")
         raise

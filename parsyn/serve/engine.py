@@ -91,6 +91,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}
         self.batch: Batch | None = None
+        self._joining: list[Batch] = []  # rows prefilled since the last step: one stack joins them all
         self.steps = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -118,8 +119,7 @@ class Engine:
 
     @property
     def rows(self) -> int:
-        batch = self.batch
-        return len(batch.live) if batch is not None else 0
+        return sum(len(b.live) for b in [self.batch, *self._joining] if b is not None)
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="parsyn-engine", daemon=True)
@@ -146,6 +146,7 @@ class Engine:
         while not (self._stop and not self.waiting and not self.active):
             self._reap()
             self._admit()
+            self._join()
             if self.batch is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -195,16 +196,23 @@ class Engine:
         for part in phase.parts:
             rows = [dataclasses.replace(r, key=(request.id, r.key), adapted=part.adapted) for r in part.rows]
             request.running.update(r.key for r in rows)
-            joining = Batch(self.lm, part.state, part.logits, rows, adapter=self.adapter)
-            if self.batch is None or not self.batch.live:
-                self.batch = joining
-            else:
-                self.batch.add(joining)
+            self._joining.append(Batch(self.lm, part.state, part.logits, rows, adapter=self.adapter))
         if not phase.wait or not request.running:
             request.resume_after_step = True
-            if self.batch is None:  # nothing decodes: resume now, not after a step that will not come
+            if self.batch is None and not self._joining:  # nothing decodes: resume now, not after a step
                 request.resume_after_step = False
                 self._resume(request)
+
+    def _join(self) -> None:
+        """Rows that were prefilled since the last step join the batch, all in one stack (a burst of
+        arrivals copies the batch's cache once, not once each)."""
+        joining, self._joining = self._joining, []
+        if not joining:
+            return
+        if self.batch is None or not self.batch.live:
+            self.batch, joining = joining[0], joining[1:]
+        if joining:
+            self.batch.add(*joining)
 
     def _collect(self) -> None:
         """Hand finished rows to their jobs; resume the jobs whose awaited rows are all done."""
@@ -232,6 +240,8 @@ class Engine:
 
     def _end(self, request: Request, event: tuple) -> None:
         """The request is over (done, failed or cancelled): rows it still has leave the batch now."""
+        if request.running:
+            self._join()
         if self.batch is not None and request.running:
             self.batch.remove(list(request.running))
             for key in request.running:
