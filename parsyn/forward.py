@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .kv import KV, from_cache, layer_tensors, to_cache
+from .kv import KV, from_cache, growing, layer_tensors, to_cache
 from .model import LM
 
 
@@ -177,6 +177,8 @@ def prefill_rows(lm: LM, rows: Sequence[Sequence[int]], prefix: KV | None = None
         state = State.over([shared], prefix.positions.to(dev)[None].expand(n, -1))
     with torch.inference_mode():
         logits = feed_(lm, state, rows)
+    if prefix is None:
+        growing(state.cache)
     return state, logits
 
 

@@ -125,12 +125,20 @@ def to_cache(segments: KV | Sequence[KV]) -> DynamicCache:
 
 
 class _JoinedLayer(DynamicLayer):
-    """A DynamicLayer whose contents are several tensors until the first operation that needs one."""
+    """A DynamicLayer whose contents are several tensors until the first operation that needs one, and
+    that then grows in place: the first update joins the parts into a buffer with spare slots, and later
+    updates write into those slots instead of copying the whole layer (a decode step would otherwise cost
+    a copy of the cache). `keys`/`values` are always views of the used slots; a write only touches slots
+    past every view handed out before it, so earlier views never change. An operation that replaces
+    `keys` (batch selection, cropping) ends the buffer; the next update starts a new one. Autograd keeps
+    the plain copying path whenever gradients are on (in-place writes would invalidate tensors saved for
+    backward)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         super().__init__()
         self.lazy_initialization(keys[0], values[0])
         self._parts: tuple[list, list] | None = (keys, values)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _join(self, new_keys: list = (), new_values: list = ()) -> None:
         keys, values = self._parts
@@ -139,10 +147,47 @@ class _JoinedLayer(DynamicLayer):
         self.values = torch.cat([*values, *new_values], dim=-2)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self._parts is None:
-            return super().update(key_states, value_states, *args, **kwargs)
-        self._join([key_states], [value_states])
+        if torch.is_grad_enabled():  # autograd: no in-place writes, no cat(out=)
+            self._buffers = None
+            if self._parts is None:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._join([key_states], [value_states])
+            return self.keys, self.values
+        keys, values = self._parts if self._parts is not None else ([self.keys], [self.values])
+        self._parts = None
+        if not self._owns_views() or self.keys.shape[0] != key_states.shape[0] or (
+            self._buffers[0].is_inference() and not torch.is_inference_mode_enabled()
+        ):  # (an inference tensor takes in-place writes only in inference mode)
+            self._buffers = None
+        q = key_states.shape[-2]
+        if self._buffers is None or self.keys.shape[-2] + q > self._buffers[0].shape[-2]:
+            self._grow([*keys, key_states], [*values, value_states])
+        else:
+            used = self.keys.shape[-2]
+            self._buffers[0][:, :, used : used + q] = key_states
+            self._buffers[1][:, :, used : used + q] = value_states
+            self._view(used + q)
         return self.keys, self.values
+
+    def _owns_views(self) -> bool:
+        b = self._buffers
+        return b is not None and self.keys.data_ptr() == b[0].data_ptr() and self.values.data_ptr() == b[1].data_ptr()
+
+    def _grow(self, keys: list, values: list) -> None:
+        keys = [k for k in keys if k.numel()] or keys[-1:]
+        values = [v for v in values if v.numel()] or values[-1:]
+        used = sum(k.shape[-2] for k in keys)
+        room = used + max(32, used // 4)
+        k0, v0 = keys[-1], values[-1]
+        kbuf = k0.new_empty((k0.shape[0], k0.shape[1], room, k0.shape[3]))
+        vbuf = v0.new_empty((v0.shape[0], v0.shape[1], room, v0.shape[3]))
+        torch.cat(keys, dim=-2, out=kbuf[:, :, :used])
+        torch.cat(values, dim=-2, out=vbuf[:, :, :used])
+        self._buffers = (kbuf, vbuf)
+        self._view(used)
+
+    def _view(self, used: int) -> None:
+        self.keys, self.values = self._buffers[0][:, :, :used], self._buffers[1][:, :, :used]
 
     def get_seq_length(self) -> int:
         if self._parts is None:
@@ -156,14 +201,27 @@ class _JoinedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._joined()
         super().batch_select_indices(indices)
+        self._buffers = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._joined()
         super().batch_repeat_interleave(repeats)
+        self._buffers = None
 
     def crop(self, tokens_to_remove: int) -> None:
         self._joined()
         super().crop(tokens_to_remove)
+        self._buffers = None  # the cropped view starts where the buffer does: writing after it would
+        # change slots that views handed out before the crop still show
+
+
+def growing(cache: DynamicCache) -> DynamicCache:
+    """`cache` with every plain DynamicLayer replaced by one that grows in place (no copy now)."""
+    cache.layers = [
+        _JoinedLayer([layer.keys], [layer.values]) if type(layer) is DynamicLayer and layer.is_initialized else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 def from_cache(cache: DynamicCache, positions: torch.Tensor, *, row: int | None = None, index=None) -> KV:
