@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .kv import KV, from_cache, growing, layer_tensors, to_cache
+from .kv import KV, drop_front_, from_cache, growing, keep_rows_, layer_tensors, stacked, to_cache
 from .model import LM
 
 
@@ -50,8 +50,9 @@ class State:
         return State(to_cache(kv), self.key_pos[rows], self.next_pos[rows], bias)
 
     def select_(self, rows: torch.Tensor) -> None:
-        """Keep only batch `rows` (in place on this state)."""
-        self.cache.batch_select_indices(rows)
+        """Keep only batch `rows` (ascending; in place on this state, the cache moves them down in its
+        own memory)."""
+        keep_rows_(self.cache, rows.tolist())
         self.key_pos, self.next_pos = self.key_pos[rows], self.next_pos[rows]
         if self.key_bias is not None:
             self.key_bias = self.key_bias[rows]
@@ -64,10 +65,7 @@ class State:
         first = int(used[0]) if len(used) else self.key_pos.shape[1]
         if first == 0:
             return
-        layers = [layer_tensors(layer) for layer in self.cache.layers]
-        width = self.key_pos.shape[1] - first
-        self.cache = to_cache(KV(tuple(k[:, :, first:] for k, _ in layers), tuple(v[:, :, first:] for _, v in layers),
-                                 torch.arange(width)))
+        drop_front_(self.cache, first)
         self.key_pos = self.key_pos[:, first:]
         if self.key_bias is not None:
             self.key_bias = self.key_bias[:, first:]
@@ -77,25 +75,18 @@ def stack(states: Sequence[State]) -> State:
     """One state holding the rows of every state in order; shorter caches are padded in front (slots at
     position -1, masked). The inputs are left as they were."""
     width = max(s.key_pos.shape[1] for s in states)
-    layers = [[layer_tensors(layer) for layer in s.cache.layers] for s in states]
+    cache = stacked([[layer_tensors(layer) for layer in s.cache.layers] for s in states], width)
 
-    def padded(t: torch.Tensor, fill=0) -> torch.Tensor:  # [B, ..., T(, D)] -> padding in front of T
-        extra = width - t.shape[2 if t.dim() == 4 else 1]
-        if t.dim() == 4:
-            return torch.nn.functional.pad(t, (0, 0, extra, 0), value=fill)
-        return torch.nn.functional.pad(t, (extra, 0), value=fill)
+    def padded(t: torch.Tensor, fill) -> torch.Tensor:  # [B, T] -> padding in front of T
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill)
 
-    n_layers = len(layers[0])
-    kv = KV(tuple(torch.cat([padded(ls[i][0]) for ls in layers]) for i in range(n_layers)),
-            tuple(torch.cat([padded(ls[i][1]) for ls in layers]) for i in range(n_layers)),
-            torch.arange(width))
     key_pos = torch.cat([padded(s.key_pos, -1) for s in states])
     bias = None
     if any(s.key_bias is not None for s in states):
         bias = torch.cat([padded(s.key_bias if s.key_bias is not None
-                                 else torch.zeros_like(s.key_pos, dtype=torch.float32))
+                                 else torch.zeros_like(s.key_pos, dtype=torch.float32), 0)
                           for s in states])
-    return State(to_cache(kv), key_pos, torch.cat([s.next_pos for s in states]), bias)
+    return State(cache, key_pos, torch.cat([s.next_pos for s in states]), bias)
 
 
 def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict, dtype: torch.dtype,

@@ -124,21 +124,57 @@ def to_cache(segments: KV | Sequence[KV]) -> DynamicCache:
     return cache
 
 
+def _room(used: int) -> int:
+    """Spare slots a growing buffer gets past `used`."""
+    return max(32, used // 4)
+
+
 class _JoinedLayer(DynamicLayer):
     """A DynamicLayer whose contents are several tensors until the first operation that needs one, and
     that then grows in place: the first update joins the parts into a buffer with spare slots, and later
     updates write into those slots instead of copying the whole layer (a decode step would otherwise cost
-    a copy of the cache). `keys`/`values` are always views of the used slots; a write only touches slots
-    past every view handed out before it, so earlier views never change. An operation that replaces
-    `keys` (batch selection, cropping) ends the buffer; the next update starts a new one. Autograd keeps
-    the plain copying path whenever gradients are on (in-place writes would invalidate tensors saved for
-    backward)."""
+    a copy of the cache). `keys`/`values` are views of the used part of the buffer; a write only touches
+    slots past every view handed out before it, so those views never change. `keep_rows_` and
+    `drop_front_` reuse the buffer too (parsyn's own decode state, see `State`): they invalidate views
+    handed out before them. An operation that replaces `keys` (batch selection, cropping) ends the
+    buffer; the next update starts a new one. Autograd keeps the plain copying path whenever gradients
+    are on (in-place writes would invalidate tensors saved for backward)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         super().__init__()
         self.lazy_initialization(keys[0], values[0])
         self._parts: tuple[list, list] | None = (keys, values)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._span = (0, 0, 0)  # rows, first slot, end slot of the buffers' used part
+        self._handed: torch.Tensor | None = None
+
+    @classmethod
+    def stacked(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], width: int) -> _JoinedLayer:
+        """The rows of several layers' tensors [B_i, H, T_i, D] in one buffer, each right-aligned in
+        `width` slots with zeros in front (one copy, with room to grow)."""
+        rows = sum(k.shape[0] for k in keys)
+        layer = cls([keys[0][:0]], [values[0][:0]])
+        layer._parts = None
+        layer._buffers = tuple(_empty_like(ts[0], rows, width + _room(width)) for ts in (keys, values))
+        with torch.inference_mode():
+            for ts, buf in zip((keys, values), layer._buffers):
+                at = 0
+                for t in ts:
+                    n, pad = t.shape[0], width - t.shape[2]
+                    buf[at : at + n, :, :pad].zero_()
+                    buf[at : at + n, :, pad:width].copy_(t)
+                    at += n
+        layer._set(rows, 0, width)
+        return layer
+
+    def _set(self, rows: int, start: int, end: int) -> None:
+        self._span = (rows, start, end)
+        self.keys, self.values = (b[:rows, :, start:end] for b in self._buffers)
+        self._handed = self.keys
+
+    def _owned(self) -> bool:
+        """The layer still shows the view it made last (nothing replaced it)."""
+        return self._buffers is not None and self.keys is self._handed
 
     def _join(self, new_keys: list = (), new_values: list = ()) -> None:
         keys, values = self._parts
@@ -147,47 +183,55 @@ class _JoinedLayer(DynamicLayer):
         self.values = torch.cat([*values, *new_values], dim=-2)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if torch.is_grad_enabled():  # autograd: no in-place writes, no cat(out=)
+        if torch.is_grad_enabled():  # autograd: no in-place writes
             self._buffers = None
             if self._parts is None:
                 return super().update(key_states, value_states, *args, **kwargs)
             self._join([key_states], [value_states])
             return self.keys, self.values
-        keys, values = self._parts if self._parts is not None else ([self.keys], [self.values])
-        self._parts = None
-        if not self._owns_views() or self.keys.shape[0] != key_states.shape[0] or (
-            self._buffers[0].is_inference() and not torch.is_inference_mode_enabled()
-        ):  # (an inference tensor takes in-place writes only in inference mode)
-            self._buffers = None
+        rows, start, end = self._span
         q = key_states.shape[-2]
-        if self._buffers is None or self.keys.shape[-2] + q > self._buffers[0].shape[-2]:
-            self._grow([*keys, key_states], [*values, value_states])
-        else:
-            used = self.keys.shape[-2]
-            self._buffers[0][:, :, used : used + q] = key_states
-            self._buffers[1][:, :, used : used + q] = value_states
-            self._view(used + q)
+        if (not self._owned() or rows != key_states.shape[0] or end + q > self._buffers[0].shape[-2]
+                or (self._buffers[0].is_inference() and not torch.is_inference_mode_enabled())):
+            keys, values = self._parts if self._parts is not None else ([self.keys], [self.values])
+            self._parts = None
+            self._grow([*keys, key_states], [*values, value_states])  # (an inference tensor takes in-place
+        else:                                                           # writes only in inference mode)
+            self._buffers[0][:rows, :, end : end + q] = key_states
+            self._buffers[1][:rows, :, end : end + q] = value_states
+            self._set(rows, start, end + q)
         return self.keys, self.values
-
-    def _owns_views(self) -> bool:
-        b = self._buffers
-        return b is not None and self.keys.data_ptr() == b[0].data_ptr() and self.values.data_ptr() == b[1].data_ptr()
 
     def _grow(self, keys: list, values: list) -> None:
         keys = [k for k in keys if k.numel()] or keys[-1:]
         values = [v for v in values if v.numel()] or values[-1:]
         used = sum(k.shape[-2] for k in keys)
-        room = used + max(32, used // 4)
-        k0, v0 = keys[-1], values[-1]
-        kbuf = k0.new_empty((k0.shape[0], k0.shape[1], room, k0.shape[3]))
-        vbuf = v0.new_empty((v0.shape[0], v0.shape[1], room, v0.shape[3]))
-        torch.cat(keys, dim=-2, out=kbuf[:, :, :used])
-        torch.cat(values, dim=-2, out=vbuf[:, :, :used])
-        self._buffers = (kbuf, vbuf)
-        self._view(used)
+        self._buffers = tuple(_empty_like(ts[-1], ts[-1].shape[0], used + _room(used)) for ts in (keys, values))
+        torch.cat(keys, dim=-2, out=self._buffers[0][:, :, :used])
+        torch.cat(values, dim=-2, out=self._buffers[1][:, :, :used])
+        self._set(keys[-1].shape[0], 0, used)
 
-    def _view(self, used: int) -> None:
-        self.keys, self.values = self._buffers[0][:, :, :used], self._buffers[1][:, :, :used]
+    def keep_rows_(self, rows: Sequence[int]) -> None:
+        """Keep batch `rows` (ascending indices): kept rows move down inside the buffer, no new memory."""
+        if not self._owned() or any(b <= a for a, b in zip(rows, rows[1:])):
+            self.batch_select_indices(torch.tensor(list(rows), dtype=torch.long, device=self.keys.device))
+            return
+        _, start, end = self._span
+        with torch.inference_mode():
+            for j, i in enumerate(rows):  # j <= i, in order: a source row is read before anything lands on it
+                if i != j:
+                    for buf in self._buffers:
+                        buf[j, :, start:end].copy_(buf[i, :, start:end])
+        self._set(len(rows), start, end)
+
+    def drop_front_(self, slots: int) -> None:
+        """Forget the first `slots` slots of every row (no copy while the buffer lasts)."""
+        if self._owned():
+            rows, start, end = self._span
+            self._set(rows, start + slots, end)
+            return
+        self._joined()
+        self.keys, self.values = self.keys[:, :, slots:], self.values[:, :, slots:]
 
     def get_seq_length(self) -> int:
         if self._parts is None:
@@ -213,6 +257,39 @@ class _JoinedLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self._buffers = None  # the cropped view starts where the buffer does: writing after it would
         # change slots that views handed out before the crop still show
+
+
+def _empty_like(t: torch.Tensor, rows: int, slots: int) -> torch.Tensor:
+    return t.new_empty((rows, t.shape[1], slots, t.shape[3]))
+
+
+def stacked(layers: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], width: int) -> DynamicCache:
+    """One cache holding the rows of several caches in order (`layers[s][i]`: cache s's layer i keys and
+    values), each right-aligned in `width` slots, zeros in front: one copy into buffers that grow in place."""
+    cache = DynamicCache()
+    cache.layers = [
+        _JoinedLayer.stacked([ls[i][0] for ls in layers], [ls[i][1] for ls in layers], width)
+        for i in range(len(layers[0]))
+    ]
+    return cache
+
+
+def keep_rows_(cache: DynamicCache, rows: Sequence[int]) -> None:
+    """Keep batch `rows` (ascending) of `cache`, in place."""
+    for layer in cache.layers:
+        if isinstance(layer, _JoinedLayer):
+            layer.keep_rows_(rows)
+        else:
+            layer.batch_select_indices(torch.tensor(list(rows), dtype=torch.long, device=layer.keys.device))
+
+
+def drop_front_(cache: DynamicCache, slots: int) -> None:
+    """Forget the first `slots` slots of every layer of `cache`, in place."""
+    for layer in cache.layers:
+        if isinstance(layer, _JoinedLayer):
+            layer.drop_front_(slots)
+        else:
+            layer.keys, layer.values = layer.keys[:, :, slots:], layer.values[:, :, slots:]
 
 
 def growing(cache: DynamicCache) -> DynamicCache:

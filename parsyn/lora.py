@@ -18,7 +18,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-# (the LoRA whose layers apply, a [B] mask of rows they apply to or None for all rows)
+# (the LoRA whose layers apply, the indices of the batch rows they apply to or None for all rows)
 _ACTIVE: ContextVar[tuple[LoRA, torch.Tensor | None] | None] = ContextVar("parsyn_lora_active", default=None)
 
 
@@ -47,11 +47,12 @@ class LoRALinear(nn.Module):
         active = _ACTIVE.get()
         if active is None or active[0] is not self._owner[0]:
             return result
-        update = self.lora_B(self.lora_A(x)) * self.scaling
         rows = active[1]
-        if rows is not None:  # x: [B, T, in]; rows: [B]
-            update = update * rows.to(update.dtype).view(-1, *([1] * (update.dim() - 1)))
-        return result + update
+        if rows is None:
+            return result + self.lora_B(self.lora_A(x)) * self.scaling
+        # x: [B, T, in]; rows: indices of the batch rows it applies to (the others' compute is skipped)
+        update = self.lora_B(self.lora_A(x.index_select(0, rows))) * self.scaling
+        return result.index_add(0, rows, update)
 
 
 def detach(model: nn.Module) -> int:
@@ -112,7 +113,7 @@ class LoRA:
     def active(self, rows: torch.Tensor | None = None) -> Iterator[None]:
         """Within the block, in this thread or task only, forwards apply this LoRA: to every batch row,
         or to the rows where the bool mask `rows` [B] is true."""
-        token = _ACTIVE.set((self, rows))
+        token = _ACTIVE.set((self, None if rows is None else torch.nonzero(rows).squeeze(-1)))
         try:
             yield
         finally:

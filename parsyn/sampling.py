@@ -81,6 +81,5 @@ def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
             continue
         sorted_p, index = (best[j], order[j]) if inside[j] else probs[j].sort(descending=True)
         kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > p.top_p, 0)  # mass before a token <= top_p
-        nucleus = torch.zeros_like(probs[j]).scatter(-1, index, kept)  # back in vocabulary order
-        out.append(torch.multinomial(nucleus, 1, generator=generators[j])[0])
+        out.append(index[torch.multinomial(kept, 1, generator=generators[j])[0]])  # drawn among the candidates
     return torch.stack(out)

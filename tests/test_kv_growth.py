@@ -1,5 +1,6 @@
 """A cache layer that grows in place holds exactly what a plain DynamicLayer holds, after any sequence of
-updates, crops and batch selections, and never changes a tensor it handed out before."""
+updates, crops, batch selections, row compactions, dropped fronts and stacks, and never changes a tensor
+it handed out before (save across the operations documented to reuse its memory)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from parsyn.kv import KV, growing, layer_tensors, to_cache
+from parsyn.kv import KV, growing, layer_tensors, stacked, to_cache
 
 H, D = 2, 4
 
@@ -25,12 +26,15 @@ ops = st.lists(
         st.tuples(st.just("crop"), st.integers(1, 5)),
         st.tuples(st.just("select"), st.integers(1, 3)),
         st.tuples(st.just("read"), st.just(0)),
+        st.tuples(st.just("keep"), st.integers(1, 7)),
+        st.tuples(st.just("front"), st.integers(1, 5)),
+        st.tuples(st.just("stack"), st.integers(1, 3)),
     ),
     min_size=1, max_size=30,
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(first=st.integers(1, 50), ops=ops, inference=st.booleans())
 def test_growth_matches_a_plain_layer_and_keeps_handed_out_views(first, ops, inference):
     k0, v0 = states(3, first, 0)
@@ -54,6 +58,22 @@ def test_growth_matches_a_plain_layer_and_keeps_handed_out_views(first, ops, inf
                 rows = torch.arange(batch).flip(0)[: max(1, min(n, batch))]
                 grown.batch_select_indices(rows)
                 plain.batch_select_indices(rows)
+            elif op in ("keep", "front", "stack"):
+                handed.clear()  # these reuse the buffer: views handed out before are invalid
+                if op == "keep":  # a non-empty ascending subset, from the bits of n
+                    rows = [r for r in range(batch) if n >> r & 1] or [0]
+                    grown.keep_rows_(rows)
+                    plain.batch_select_indices(torch.tensor(rows))
+                elif op == "front" and plain.keys.shape[-2] > n:
+                    grown.drop_front_(n)
+                    plain.keys, plain.values = plain.keys[:, :, n:], plain.values[:, :, n:]
+                elif op == "stack":  # this layer's rows, then n new rows with a shorter history in front
+                    t = plain.keys.shape[-2]
+                    k, v = states(n, max(1, t - 2), i + 100)
+                    grown = stacked([[layer_tensors(grown)], [(k, v)]], t).layers[0]
+                    pad = (0, 0, t - k.shape[-2], 0)
+                    plain.keys = torch.cat([plain.keys, torch.nn.functional.pad(k, pad)])
+                    plain.values = torch.cat([plain.values, torch.nn.functional.pad(v, pad)])
             elif op == "read":
                 keys, values = layer_tensors(grown)
                 handed.append((keys, values, keys.clone(), values.clone()))
