@@ -9,6 +9,7 @@ exactly what the template renders for the whole conversation.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -19,11 +20,34 @@ _MARK = "\x00parsyn-answer\x00"
 DEFAULT_INSTRUCTION = "Using the answers above, answer the question: {question}"
 
 
+# The text protocol for tool calls where the chat template has none (the tags Qwen2.5 and Hermes use).
+TOOL_PROTOCOL = (
+    "You may call tools. Their signatures, as JSON schemas:\n{schemas}\n"
+    "To call one, write a line <tool_call>{{\"name\": <tool name>, \"arguments\": <JSON object>}}</tool_call> "
+    "and end your turn; its result comes back as <tool_response>...</tool_response>. "
+    "When you know the answer, write it without a tool call."
+)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
-    """Renders segments for one tokenizer; plain text when it has no chat template (base models)."""
+    """Renders segments for one tokenizer; plain text when it has no chat template (base models).
+
+    With `tools` (OpenAI's function schemas) the conversation offers them: through the template's own
+    tool support where it has one (Qwen2.5's renders them into the system turn), else by `TOOL_PROTOCOL`
+    appended to the system prompt; tool results follow in `tool_results`."""
 
     tokenizer: PreTrainedTokenizerBase
+    tools: tuple[dict, ...] = ()
+
+    @property
+    def native_tools(self) -> bool:
+        """The template itself renders tools (it changes when given them)."""
+        if not self.tools or self.tokenizer.chat_template is None:
+            return False
+        probe = [{"role": "user", "content": "?"}]
+        render = self.tokenizer.apply_chat_template
+        return render(probe, tokenize=False) != render(probe, tools=list(self.tools), tokenize=False)
 
     @property
     def end(self) -> str:
@@ -47,9 +71,13 @@ class ChatFormat:
     def _render(self, messages: list[dict], generation: bool) -> str:
         if self.tokenizer.chat_template is None:
             return _plain(messages, generation, self.end)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        extra = {"tools": list(self.tools)} if self.tools and self.native_tools else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
 
     def _opening(self, question: str, system: str | None) -> list[dict]:
+        if self.tools and not self.native_tools:
+            schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in self.tools)
+            system = "\n\n".join(p for p in (system, TOOL_PROTOCOL.format(schemas=schemas)) if p)
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
     def prefix(self, question: str, system: str | None = None) -> str:
@@ -74,7 +102,21 @@ class ChatFormat:
             {"role": "assistant", "content": _MARK},
             {"role": "user", "content": instruction.replace("{question}", question)},
         ]
-        rest = self._render(messages, generation=True).split(_MARK, 1)[1]
+        return self._after_turn(self._render(messages, generation=True))
+
+    def tool_results(self, question: str, system: str | None, results: list[str]) -> str:
+        """What follows an assistant turn that called tools (after its end-of-turn token): the turn
+        carrying `results` (one per call, in order) and the assistant header of the next turn."""
+        if self.native_tools:
+            answers = [{"role": "tool", "content": r} for r in results]
+        else:
+            wrapped = "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
+            answers = [{"role": "user", "content": wrapped}]
+        messages = self._opening(question, system) + [{"role": "assistant", "content": _MARK}, *answers]
+        return self._after_turn(self._render(messages, generation=True))
+
+    def _after_turn(self, rendered: str) -> str:
+        rest = rendered.split(_MARK, 1)[1]
         if self.end and rest.startswith(self.end):
             return rest[len(self.end) :]
         return rest

@@ -202,11 +202,14 @@ class Batch:
         self._leave([j for j, r in enumerate(self.live) if r.row.key in gone])
 
     def pause(self, key: Hashable) -> None:
-        """Stop sampling row `key` after its current token (which is still fed, so its K/V exist)."""
+        """Stop sampling row `key` after its current token (which is still fed, so its K/V exist). A row whose
+        last event ended it on a stop token may be paused too, before the next forward: it stays in the batch
+        (an agent's turn that called a tool), and its token budget goes on counting."""
         r = self._find(key)
-        if r.status != "running":
+        reopen = r.status == "finished" and r.finish == "stop" and r.feed and r.feed[-1] in self.stops
+        if r.status != "running" and not reopen:
             raise ValueError(f"row {key!r} is {r.status}, not running")
-        r.status = "paused"
+        r.status, r.finish = "paused", None
 
     def extend(self, key: Hashable, ids: Sequence[int]) -> None:
         """Append `ids` (e.g. a tool's output) to paused row `key`: they run at the next forward, after

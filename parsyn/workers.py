@@ -119,9 +119,10 @@ class Forking:
     def plan(cls, lm: LM, questions: Sequence[str], *, workers: int = 3,
              roles: Sequence[str] | Sequence[Sequence[str]] = (), system: str | None = None,
              sampling: SamplingParams | Sequence[SamplingParams] = WORKER_SAMPLING,
-             rows_at_once: int | None = None) -> Forking:
-        """Check the request and prefill every prefix once (one row per question); see `fork_many`."""
-        fmt = ChatFormat(lm.tokenizer)
+             rows_at_once: int | None = None, fmt: ChatFormat | None = None) -> Forking:
+        """Check the request and prefill every prefix once (one row per question); see `fork_many`.
+        `fmt`: the chat format (default the tokenizer's, without tools)."""
+        fmt = fmt or ChatFormat(lm.tokenizer)
         if not questions:
             raise ValueError("need at least one question")
         samplings = [sampling] * len(questions) if isinstance(sampling, SamplingParams) else list(sampling)

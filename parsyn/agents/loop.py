@@ -1,0 +1,249 @@
+"""Agent workers: rows of one decode batch that call tools over several turns.
+
+A worker decodes until its turn ends. If the turn holds tool calls (`<tool_call>{"name", "arguments"}
+</tool_call>`, the tags Qwen2.5's template teaches; `chat.TOOL_PROTOCOL` for templates without tools), the
+row pauses (its end-of-turn token is still fed, so its K/V exist), the calls run on a thread pool, and
+their results, rendered as the template's tool turn plus the next assistant header, are appended to that
+row: they run at the next forward over the row's own cache, nothing before them is recomputed. Other
+rows keep decoding meanwhile. A turn without calls is the worker's answer. A turn that is nothing but a bare call object
+(`{"name": ..., "arguments": ...}`, what small models often write instead of the tags) counts as a call.
+
+Limits end every loop: `max_turns` tool turns and the token budget (`sampling.max_new_tokens`, over all
+turns). A call past a limit is not run; the trajectory says why. A malformed call, an unknown tool, bad
+arguments, a raising or hanging tool all come back to the agent as `error: ...` results (`Tool.call`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from ..chat import ChatFormat
+from ..decode import Batch
+from ..kv import KV, cat
+from ..model import LM
+from ..rope import rope_of
+from ..sampling import SamplingParams
+from ..tools import Toolbox, ToolResult
+from ..workers import Branch, Fork, Forking
+
+AGENT_SAMPLING = SamplingParams(max_new_tokens=256, temperature=0.0)
+HANDOVERS = ("final", "trajectory")
+
+_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+_FENCE = re.compile(r"^\s*```(?:json)?|```\s*$")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tool call as the agent wrote it: `name` and `arguments`, or `error` when it could not be read."""
+
+    name: str
+    arguments: dict | str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One assistant turn: its text (tool-call tags included), the calls in it and their results."""
+
+    text: str
+    calls: tuple[Call, ...] = ()
+    results: tuple[ToolResult, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectory:
+    role: str | None
+    turns: tuple[Turn, ...]
+    stopped: str        # "answer", "max_turns" (a call past the turn limit) or "length" (the token budget)
+    generated: int      # tokens the agent sampled, all turns
+    tool_s: float       # seconds its tools ran
+
+    @property
+    def answer(self) -> str:
+        """The last turn's text without its tool calls."""
+        last = self.turns[-1] if self.turns else None
+        return "" if last is None or (last.calls and not _CALL.search(last.text)) else _CALL.sub("", last.text).strip()
+
+    @property
+    def calls(self) -> int:
+        return sum(len(t.calls) for t in self.turns)
+
+
+@dataclass(frozen=True, eq=False)
+class AgentRun:
+    """The fork the synthesizer reads (its branches per `handover`) and every worker's trajectory."""
+
+    fork: Fork
+    trajectories: tuple[Trajectory, ...]
+    handover: str
+
+
+def parse_calls(text: str) -> list[Call]:
+    """The tool calls in an assistant turn's text, in order; unreadable ones carry an `error` for the agent."""
+    calls = []
+    bodies = _CALL.findall(text)
+    if not bodies:  # small models often drop the tags: a turn that is nothing but a call object is one too
+        bare = _FENCE.sub("", text).strip()
+        try:
+            obj = json.loads(bare) if bare.startswith("{") else None
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and "arguments" in obj:
+            bodies = [bare]
+    for body in bodies:
+        body = body.strip()
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            calls.append(Call("", error=f"error: the tool call is not valid JSON ({e.msg} at character {e.pos}); "
+                                        'write <tool_call>{"name": ..., "arguments": {...}}</tool_call>'))
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            calls.append(Call("", error='error: a tool call is a JSON object with a "name" and "arguments"'))
+            continue
+        arguments = obj.get("arguments", obj.get("parameters"))
+        if arguments is not None and not isinstance(arguments, (dict, str)):
+            calls.append(Call(obj["name"], error='error: "arguments" must be a JSON object'))
+            continue
+        calls.append(Call(obj["name"], arguments))
+    return calls
+
+
+@dataclass(eq=False)
+class _Agent:
+    role: str | None
+    opening: tuple[int, ...]
+    ids: list[int] = field(default_factory=list)   # every token after the opening: turns and tool turns
+    turn_at: int = 0                                # where the current turn starts in `ids`
+    text: str = ""
+    calls: list[Call] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    generated: int = 0
+    tool_s: float = 0.0
+    stopped: str = "answer"
+
+
+def run_agents(
+    lm: LM,
+    question: str,
+    tools: Toolbox,
+    *,
+    workers: int = 3,
+    roles: Sequence[str] = (),
+    system: str | None = None,
+    sampling: SamplingParams = AGENT_SAMPLING,
+    max_turns: int = 4,
+    handover: str = "final",
+    on_turn: Callable[[int, Turn], None] | None = None,
+) -> AgentRun:
+    """Run `workers` agents on `question` with `tools`, as one batch over a shared prefix (the system
+    prompt offers the tools). handover: "final" (a branch is the worker's opening and final turn, its K/V
+    re-rotated to follow the opening) or "trajectory" (every turn and tool result, K/V as computed).
+    on_turn(worker, turn) reports each finished turn (tool results included)."""
+    if handover not in HANDOVERS:
+        raise ValueError(f"unknown handover {handover!r}; choose one of {', '.join(HANDOVERS)}")
+    if max_turns < 0:
+        raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+    fmt = ChatFormat(lm.tokenizer, tuple(tools.schemas()))
+    plan = Forking.plan(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling, fmt=fmt)
+    state, logits, rows = plan.start()
+    agents = {r.key: _Agent(plan.roles[0][i], plan.openings[0][i]) for i, r in enumerate(rows)}
+    batch = Batch(lm, state, logits, rows)
+    budget = sampling.max_new_tokens
+    pending: dict[Future, tuple] = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(rows), thread_name_prefix="parsyn-tool") as pool:
+        try:
+            while batch.live:
+                for e in batch.sample_():
+                    a = agents[e.key]
+                    a.ids.append(e.id)
+                    a.generated += 1
+                    if e.finish is None:
+                        continue
+                    a.text = _turn_text(lm, a.ids[a.turn_at :])
+                    calls = parse_calls(a.text) if e.finish == "stop" else []
+                    if not calls:
+                        _close(a, on_turn, e.key)
+                    elif len(a.turns) >= max_turns or a.generated >= budget - 1:
+                        a.stopped = "max_turns" if len(a.turns) >= max_turns else "length"
+                        limit = (f"its limit of {max_turns} tool turns" if a.stopped == "max_turns"
+                                 else f"its budget of {budget} tokens")
+                        skipped = ToolResult(f"error: not run: the agent reached {limit}", False, 0.0)
+                        _close(a, on_turn, e.key, calls, (skipped,) * len(calls))
+                    else:
+                        batch.pause(e.key)
+                        a.calls = calls
+                        pending[pool.submit(_run, tools, calls)] = e.key
+                idle = not any(r.status == "running" or r.feed for r in batch.live)
+                if pending:
+                    done, _ = wait(pending, timeout=None if idle else 0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        key = pending.pop(future)
+                        a = agents[key]
+                        results, seconds = future.result()
+                        a.tool_s += seconds
+                        _close(a, on_turn, key, a.calls, results)
+                        ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
+                        a.ids += ids
+                        a.turn_at = len(a.ids)
+                        batch.extend(key, ids)
+                batch.advance_()
+        finally:
+            for future in pending:
+                future.cancel()
+    decode_s = time.perf_counter() - t0
+    keys = [r.key for r in rows]
+    trajectories = tuple(Trajectory(agents[k].role, tuple(agents[k].turns), agents[k].stopped, agents[k].generated,
+                                    agents[k].tool_s) for k in keys)
+    rope = rope_of(lm.model) if handover == "final" else None
+    branches = tuple(_branch(agents[k], batch.results[k].kv, handover, rope, trajectories[i].answer)
+                     for i, k in enumerate(keys))
+    fork = Fork(question, system, plan.prefixes[0], plan.prefix_kv[0], branches, plan.prefill_s, decode_s)
+    return AgentRun(fork, trajectories, handover)
+
+
+def _run(tools: Toolbox, calls: list[Call]) -> tuple[tuple[ToolResult, ...], float]:
+    t0 = time.perf_counter()
+    results = tuple(ToolResult(c.error, False, 0.0) if c.error else tools.call(c.name, c.arguments) for c in calls)
+    return results, time.perf_counter() - t0
+
+
+def _turn_text(lm: LM, ids: list[int]) -> str:
+    """A turn's text with the tool-call tags (added tokens that skip_special_tokens would drop), without
+    its end-of-turn token."""
+    stops = set(lm.stop_ids)
+    return lm.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=False)
+
+
+def _close(a: _Agent, on_turn, key, calls=(), results=()) -> None:
+    turn = Turn(a.text, tuple(calls), tuple(results))
+    a.turns.append(turn)
+    a.text, a.calls = "", []
+    if on_turn is not None:
+        on_turn(key[1], turn)
+
+
+def _branch(a: _Agent, kv: KV, handover: str, rope, answer: str) -> Branch:
+    """The worker's branch: K/V of [opening, every turn] (trajectory) or [opening, final turn] (final)."""
+    ids = tuple(a.opening) + tuple(a.ids)
+    if handover == "trajectory" or a.turn_at == 0:
+        return Branch(ids, answer, kv, a.role, a.generated)
+    o, final = len(a.opening), len(a.opening) + a.turn_at
+    head = _take(kv, slice(0, o))
+    tail = _take(kv, slice(final, kv.length))
+    at = head.positions[-1] + 1 + torch.arange(tail.length, device=tail.positions.device)
+    tail = tail.with_keys(rope.rerotate(tail.keys, tail.positions, at), at)
+    return Branch(tuple(a.opening) + tuple(a.ids[a.turn_at :]), answer, cat([head, tail]), a.role, a.generated)
+
+
+def _take(kv: KV, span: slice) -> KV:
+    return KV(tuple(k[:, :, span] for k in kv.keys), tuple(v[:, :, span] for v in kv.values), kv.positions[span])
