@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -40,9 +41,9 @@ class ChatFormat:
     tokenizer: PreTrainedTokenizerBase
     tools: tuple[dict, ...] = ()
 
-    @property
+    @cached_property
     def native_tools(self) -> bool:
-        """The template itself renders tools (it changes when given them)."""
+        """The template itself renders tools (it changes when given them); probed once per format."""
         if not self.tools or self.tokenizer.chat_template is None:
             return False
         probe = [{"role": "user", "content": "?"}]
