@@ -157,7 +157,6 @@ def run_agents(
     state, logits, rows = plan.start()
     agents = {r.key: _Agent(plan.roles[0][i], plan.openings[0][i]) for i, r in enumerate(rows)}
     batch = Batch(lm, state, logits, rows)
-    budget = sampling.max_new_tokens
     pending: dict[Future, tuple] = {}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(rows), thread_name_prefix="parsyn-tool") as pool:
@@ -167,34 +166,17 @@ def run_agents(
                     a = agents[e.key]
                     a.ids.append(e.id)
                     a.generated += 1
-                    if e.finish is None:
-                        continue
-                    a.text = _turn_text(lm, a.ids[a.turn_at :])
-                    calls = parse_calls(a.text) if e.finish == "stop" else []
-                    if not calls:
-                        _close(a, on_turn, e.key)
-                    elif len(a.turns) >= max_turns or a.generated >= budget - 1:
-                        a.stopped = "max_turns" if len(a.turns) >= max_turns else "length"
-                        limit = (f"its limit of {max_turns} tool turns" if a.stopped == "max_turns"
-                                 else f"its budget of {budget} tokens")
-                        skipped = ToolResult(f"error: not run: the agent reached {limit}", False, 0.0)
-                        _close(a, on_turn, e.key, calls, (skipped,) * len(calls))
-                    else:
-                        batch.pause(e.key)
-                        a.calls = calls
-                        pending[pool.submit(_run, tools, calls)] = e.key
+                    if e.finish is not None:
+                        calls = _end_turn(lm, a, e, max_turns, sampling.max_new_tokens, on_turn)
+                        if calls:
+                            batch.pause(e.key)
+                            pending[pool.submit(_run, tools, calls)] = e.key
                 idle = not any(r.status == "running" or r.feed for r in batch.live)
                 if pending:
                     done, _ = wait(pending, timeout=None if idle else 0, return_when=FIRST_COMPLETED)
                     for future in done:
                         key = pending.pop(future)
-                        a = agents[key]
-                        results, seconds = future.result()
-                        a.tool_s += seconds
-                        _close(a, on_turn, key, a.calls, results)
-                        ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
-                        a.ids += ids
-                        a.turn_at = len(a.ids)
+                        ids = _tool_turn(fmt, agents[key], future.result(), question, system, on_turn, key)
                         batch.extend(key, ids)
                 batch.advance_()
         finally:
@@ -209,6 +191,34 @@ def run_agents(
                      for i, k in enumerate(keys))
     fork = Fork(question, system, plan.prefixes[0], plan.prefix_kv[0], branches, plan.prefill_s, decode_s)
     return AgentRun(fork, trajectories, handover)
+
+
+def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, on_turn) -> list[Call]:
+    """Close the turn a row just finished; the calls to run now (empty: the turn is closed for good)."""
+    a.text = _turn_text(lm, a.ids[a.turn_at :])
+    calls = parse_calls(a.text) if e.finish == "stop" else []
+    if not calls:
+        _close(a, on_turn, e.key)
+        return []
+    if len(a.turns) >= max_turns or a.generated >= budget - 1:
+        a.stopped = "max_turns" if len(a.turns) >= max_turns else "length"
+        limit = f"its limit of {max_turns} tool turns" if a.stopped == "max_turns" else f"its budget of {budget} tokens"
+        skipped = ToolResult(f"error: not run: the agent reached {limit}", False, 0.0)
+        _close(a, on_turn, e.key, calls, (skipped,) * len(calls))
+        return []
+    a.calls = calls
+    return calls
+
+
+def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, key) -> list[int]:
+    """Record a finished tool run on its agent; the ids of the tool turn to append to its row."""
+    results, seconds = outcome
+    a.tool_s += seconds
+    _close(a, on_turn, key, a.calls, results)
+    ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
+    a.ids += ids
+    a.turn_at = len(a.ids)
+    return ids
 
 
 def _run(tools: Toolbox, calls: list[Call]) -> tuple[tuple[ToolResult, ...], float]:
