@@ -32,6 +32,12 @@ def default_lm() -> M.LM:
 
 
 @pytest.fixture(scope="session")
+def qwen() -> M.LM:
+    """The default model, Qwen2.5-Coder-0.5B-Instruct, for the tests that need a model that can answer."""
+    return M.load("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(default_lm):
     return default_lm.tokenizer
 

@@ -7,16 +7,10 @@ from test_rope import assert_rerotation_exact
 from test_synthesis import QUESTION, assert_cache_route_is_text_route
 from test_workers import ROLES, assert_branches_match_fresh_prefill
 
-from parsyn import model as M
 from parsyn.sampling import SamplingParams
 from parsyn.workers import fork
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def qwen() -> M.LM:
-    return M.load("qwen2.5-coder-0.5b")
 
 
 def test_it_is_the_model_it_says(qwen):

@@ -9,7 +9,9 @@ rows keep decoding meanwhile. A turn without calls is the worker's answer. A tur
 (`{"name": ..., "arguments": ...}`, what small models often write instead of the tags) counts as a call.
 
 Limits end every loop: `max_turns` tool turns and the token budget (`sampling.max_new_tokens`, over all
-turns). A call past a limit is not run; the trajectory says why. A malformed call, an unknown tool, bad
+turns). A call past the turn limit is not run: the agent is told so and given one last turn to answer
+without tools; the trajectory says why it stopped. A call that repeats one the agent made before gets the
+same result back with a note to use it. A malformed call, an unknown tool, bad
 arguments, a raising or hanging tool all come back to the agent as `error: ...` results (`Tool.call`).
 """
 
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -62,15 +65,21 @@ class Turn:
 class Trajectory:
     role: str | None
     turns: tuple[Turn, ...]
-    stopped: str        # "answer", "max_turns" (a call past the turn limit) or "length" (the token budget)
+    stopped: str        # "answer"; "max_turns" (it called past the turn limit, and was given a last turn to
+                        # answer without tools); "length" (the token budget ran out)
     generated: int      # tokens the agent sampled, all turns
     tool_s: float       # seconds its tools ran
 
     @property
     def answer(self) -> str:
-        """The last turn's text without its tool calls."""
+        """The last turn's text without tool calls; where the agent never answered in words (its last turn
+        is a call), the last result a tool gave it, else ""."""
         last = self.turns[-1] if self.turns else None
-        return "" if last is None or (last.calls and not _CALL.search(last.text)) else _CALL.sub("", last.text).strip()
+        words = "" if last is None else _CALL.sub("", last.text).strip()
+        if words and not (last.calls and not _CALL.search(last.text)) and not words.startswith('{"name"'):
+            return words
+        found = [r.text for t in self.turns for r in t.results if r.ok]
+        return found[-1] if found else ""
 
     @property
     def calls(self) -> int:
@@ -129,6 +138,7 @@ class _Agent:
     generated: int = 0
     tool_s: float = 0.0
     stopped: str = "answer"
+    seen: dict[str, str] = field(default_factory=dict)  # a call's JSON -> its result text
 
 
 def run_agents(
@@ -167,10 +177,10 @@ def run_agents(
                     a.ids.append(e.id)
                     a.generated += 1
                     if e.finish is not None:
-                        calls = _end_turn(lm, a, e, max_turns, sampling.max_new_tokens, on_turn)
-                        if calls:
+                        job = _end_turn(lm, tools, a, e, max_turns, sampling.max_new_tokens, on_turn)
+                        if job is not None:
                             batch.pause(e.key)
-                            pending[pool.submit(_run, tools, calls)] = e.key
+                            pending[pool.submit(job)] = e.key
                 idle = not any(r.status == "running" or r.feed for r in batch.live)
                 if pending:
                     done, _ = wait(pending, timeout=None if idle else 0, return_when=FIRST_COMPLETED)
@@ -193,27 +203,35 @@ def run_agents(
     return AgentRun(fork, trajectories, handover)
 
 
-def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, on_turn) -> list[Call]:
-    """Close the turn a row just finished; the calls to run now (empty: the turn is closed for good)."""
+def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int, on_turn) -> Callable | None:
+    """Close the turn a row just finished. Returns the job that gives its tool results (run it, then
+    extend the row), or None when the agent is done. An agent past its turn limit gets one last turn,
+    told to answer without tools; past that, or out of tokens, its calls are not run."""
     a.text = _turn_text(lm, a.ids[a.turn_at :])
     calls = parse_calls(a.text) if e.finish == "stop" else []
     if not calls:
         _close(a, on_turn, e.key)
-        return []
-    if len(a.turns) >= max_turns or a.generated >= budget - 1:
-        a.stopped = "max_turns" if len(a.turns) >= max_turns else "length"
-        limit = f"its limit of {max_turns} tool turns" if a.stopped == "max_turns" else f"its budget of {budget} tokens"
-        skipped = ToolResult(f"error: not run: the agent reached {limit}", False, 0.0)
-        _close(a, on_turn, e.key, calls, (skipped,) * len(calls))
-        return []
+        return None
     a.calls = calls
-    return calls
+    if a.stopped == "answer" and len(a.turns) < max_turns and a.generated < budget - 1:
+        return partial(_run, tools, calls, dict(a.seen))
+    if a.stopped == "answer" and a.generated < budget - 1:
+        a.stopped = "max_turns"
+        refusal = (f"error: not run: the agent reached its limit of {max_turns} tool turns; "
+                   "answer now from what you have, without calling a tool")
+        return partial(_refuse, calls, refusal)
+    a.stopped = "length" if a.generated >= budget - 1 else a.stopped
+    limit = f"its budget of {budget} tokens" if a.stopped == "length" else f"its limit of {max_turns} tool turns"
+    _close(a, on_turn, e.key, calls, _refuse(calls, f"error: not run: the agent reached {limit}")[0])
+    return None
 
 
 def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, key) -> list[int]:
     """Record a finished tool run on its agent; the ids of the tool turn to append to its row."""
     results, seconds = outcome
     a.tool_s += seconds
+    for c, r in zip(a.calls, results):
+        a.seen.setdefault(_call_key(c), r.text)
     _close(a, on_turn, key, a.calls, results)
     ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
     a.ids += ids
@@ -221,10 +239,28 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
     return ids
 
 
-def _run(tools: Toolbox, calls: list[Call]) -> tuple[tuple[ToolResult, ...], float]:
+def _run(tools: Toolbox, calls: list[Call], seen: dict[str, str]) -> tuple[tuple[ToolResult, ...], float]:
+    """Run the calls in order; one that repeats an earlier call of this agent gets that result again, with
+    a note to use it (small models tend to loop on a call)."""
     t0 = time.perf_counter()
-    results = tuple(ToolResult(c.error, False, 0.0) if c.error else tools.call(c.name, c.arguments) for c in calls)
-    return results, time.perf_counter() - t0
+    results = []
+    for c in calls:
+        if c.error:
+            results.append(ToolResult(c.error, False, 0.0))
+        elif _call_key(c) in seen:
+            results.append(ToolResult(f"{seen[_call_key(c)]}\n(the same call as before, with the same result: "
+                                      "answer the question with it)", True, 0.0))
+        else:
+            results.append(tools.call(c.name, c.arguments))
+    return tuple(results), time.perf_counter() - t0
+
+
+def _refuse(calls: list[Call], text: str) -> tuple[tuple[ToolResult, ...], float]:
+    return tuple(ToolResult(text, False, 0.0) for _ in calls), 0.0
+
+
+def _call_key(c: Call) -> str:
+    return json.dumps([c.name, c.arguments], sort_keys=True, ensure_ascii=False)
 
 
 def _turn_text(lm: LM, ids: list[int]) -> str:
