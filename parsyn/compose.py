@@ -19,7 +19,7 @@ Mapper = Callable[[KV, int, int], KV]
 class Span:
     """Provenance of one run of tokens in the synthesizer's context."""
 
-    source: str  # "prefix", "branch" or "prompt"
+    source: str  # "prefix", "branch", "tool" (a tool's result inside a branch) or "prompt"
     index: int   # branch number (0 for the prefix and the prompt)
     start: int   # first logical position
     length: int
@@ -44,6 +44,24 @@ class Composed:
     def kv(self) -> KV:
         """All segments concatenated into one new KV."""
         return cat(self.segments)
+
+
+def mark_tools(spans: Sequence[Span], tools: Sequence[Sequence[tuple[int, int]]]) -> tuple[Span, ...]:
+    """`spans` with the runs of tool results in branch i (`tools[i - 1]`: (offset, length) in the branch's
+    tokens) cut out as "tool" spans; a branch's spans follow one another over its tokens in order."""
+    out, seen = [], {}
+    for span in spans:
+        runs = tools[span.index - 1] if span.source == "branch" else ()
+        if not runs:
+            out.append(span)
+            continue
+        offset = seen.get(span.index, 0)
+        seen[span.index] = offset + span.length
+        cuts = sorted({0, span.length} | {min(max(x - offset, 0), span.length) for a, n in runs for x in (a, a + n)})
+        for lo, hi in zip(cuts, cuts[1:]):
+            tool = any(a <= offset + lo < a + n for a, n in runs)
+            out.append(Span("tool" if tool else "branch", span.index, span.start + lo, hi - lo, span.how))
+    return tuple(out)
 
 
 def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "parallel",

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from .chat import DEFAULT_INSTRUCTION, ChatFormat
-from .compose import Composed, Mapper, Span, compose
+from .compose import Composed, Mapper, Span, compose, mark_tools
 from .decode import Batch, Result, Row, Token
 from .forward import State, feed_, prefill_rows, stack
 from .model import LM
@@ -124,7 +124,7 @@ def prepare(
             ids = text_row(fork.prefix_ids, [b.token_ids for b in fork.branches], prompt_ids)
             lm.check_positions(len(ids) + max_new_tokens, "the text synthesis prompt plus the answer")
             state, logits = prefill_rows(lm, [ids])
-            return Prepared(state, logits, len(ids), _text_spans(fork, prompt_ids))
+            return Prepared(state, logits, len(ids), _marked(fork, _text_spans(fork, prompt_ids)))
         layout, options = settings(synthesizer, layout, options)
         inputs = cache_inputs(lm, fork, prompt_ids, layout=layout, mapper=synthesizer.mapper if synthesizer else None,
                               options=options)
@@ -132,7 +132,11 @@ def prepare(
                            f"the composed {layout} cache plus the prompt and the answer")
         with adapter(route, synthesizer):
             state, logits = run_cache(lm, [inputs])
-        return Prepared(state, logits, len(inputs.ids), inputs.spans)
+        return Prepared(state, logits, len(inputs.ids), _marked(fork, inputs.spans))
+
+
+def _marked(fork: Fork, spans: tuple[Span, ...]) -> tuple[Span, ...]:
+    return mark_tools(spans, [b.tools for b in fork.branches]) if any(b.tools for b in fork.branches) else spans
 
 
 def stream(lm: LM, fork: Fork, *, sampling: SamplingParams = SYNTH_SAMPLING, **route) -> Iterator[Token]:

@@ -31,6 +31,7 @@ class Branch:
     kv: KV                      # K/V of token_ids, batch 1, positions prefix_len ..
     role: str | None = None
     generated: int = 0          # tokens the worker sampled (0 for a given text)
+    tools: tuple[tuple[int, int], ...] = ()  # (offset in token_ids, length) of each tool-result turn in it
 
 
 @dataclass(frozen=True, eq=False)

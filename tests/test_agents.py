@@ -106,6 +106,8 @@ def test_a_tool_turn_extends_the_worker_s_own_kv_as_a_fresh_prefill_would(qwen):
     assert sum(len(t.turns) for t in run.trajectories) == len(seen)  # every turn was reported as it ended
     called = next(b for b, t in zip(run.fork.branches, run.trajectories) if t.calls)
     assert PRODUCT in qwen.tokenizer.decode(called.token_ids)  # the result is inside the branch, with its K/V
+    (at, n), *_ = called.tools  # and marked as a tool's
+    assert PRODUCT in qwen.tokenizer.decode(called.token_ids[at : at + n])
     assert_branches_match_fresh_prefill(qwen, run.fork, atol=2e-4)
     # the logits after the whole trajectory, from the composed K/V, are the fresh prefill's
     ids = list(run.fork.prefix_ids) + list(called.token_ids)
@@ -169,3 +171,17 @@ def test_an_agent_that_keeps_calling_is_stopped_at_its_turn_limit(qwen):
     if t.stopped == "max_turns":
         assert any("limit of 1 tool turns" in x for x in texts)
     assert t.generated <= 64
+
+
+def test_tool_results_are_their_own_spans_in_the_provenance():
+    from parsyn.compose import Span, mark_tools
+
+    spans = (Span("prefix", 0, 0, 5, "reused"), Span("branch", 1, 5, 2, "recomputed"),
+             Span("branch", 1, 7, 8, "mapped"), Span("branch", 2, 5, 4, "mapped"),
+             Span("prompt", 0, 15, 3, "recomputed"))
+    marked = mark_tools(spans, [((3, 4),), ()])
+    assert [(s.source, s.index, s.start, s.length, s.how) for s in marked] == [
+        ("prefix", 0, 0, 5, "reused"), ("branch", 1, 5, 2, "recomputed"), ("branch", 1, 7, 1, "mapped"),
+        ("tool", 1, 8, 4, "mapped"), ("branch", 1, 12, 3, "mapped"), ("branch", 2, 5, 4, "mapped"),
+        ("prompt", 0, 15, 3, "recomputed")]
+    assert sum(s.length for s in marked) == sum(s.length for s in spans)

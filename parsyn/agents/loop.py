@@ -139,6 +139,7 @@ class _Agent:
     tool_s: float = 0.0
     stopped: str = "answer"
     seen: dict[str, str] = field(default_factory=dict)  # a call's JSON -> its result text
+    tool_runs: list[tuple[int, int]] = field(default_factory=list)  # (offset in ids, length) of tool turns
 
 
 def run_agents(
@@ -234,6 +235,7 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
         a.seen.setdefault(_call_key(c), r.text)
     _close(a, on_turn, key, a.calls, results)
     ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
+    a.tool_runs.append((len(a.ids), len(ids)))
     a.ids += ids
     a.turn_at = len(a.ids)
     return ids
@@ -282,7 +284,8 @@ def _branch(a: _Agent, kv: KV, handover: str, rope, answer: str) -> Branch:
     """The worker's branch: K/V of [opening, every turn] (trajectory) or [opening, final turn] (final)."""
     ids = tuple(a.opening) + tuple(a.ids)
     if handover == "trajectory" or a.turn_at == 0:
-        return Branch(ids, answer, kv, a.role, a.generated)
+        runs = tuple((len(a.opening) + at, n) for at, n in a.tool_runs)
+        return Branch(ids, answer, kv, a.role, a.generated, runs)
     o, final = len(a.opening), len(a.opening) + a.turn_at
     head = _take(kv, slice(0, o))
     tail = _take(kv, slice(final, kv.length))

@@ -57,7 +57,7 @@ function drawProvenance(el, spans) {
     const bar = document.createElement("span");
     bar.className = p.how;
     bar.style.width = (100 * p.length / total) + "%";
-    bar.title = p.source + (p.source === "branch" ? " " + p.index : "") + ": " + p.length + " tokens, " + p.how;
+    bar.title = p.source + (p.source === "branch" || p.source === "tool" ? " " + p.index : "") + ": " + p.length + " tokens, " + p.how;
     el.appendChild(bar);
   }
 }
