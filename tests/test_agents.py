@@ -185,3 +185,37 @@ def test_tool_results_are_their_own_spans_in_the_provenance():
         ("tool", 1, 8, 4, "mapped"), ("branch", 1, 12, 3, "mapped"), ("branch", 2, 5, 4, "mapped"),
         ("prompt", 0, 15, 3, "recomputed")]
     assert sum(s.length for s in marked) == sum(s.length for s in spans)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["agent", "Why?", "--tools", "python,telepathy"], "unknown tool telepathy"),
+    (["agent", "Why?", "--tools", "sql"], "the sql tool needs --db FILE"),
+    (["agent", "Why?", "--tools", "sql", "--db", "no/such.db"], "no SQLite database file at"),
+    (["agent", "Why?", "--tools", "search"], "the search tool needs --docs PATH"),
+    (["agent", "Why?", "--tools", "search", "--docs", "no/such/folder"], "no/such/folder"),
+    (["agent", "Why?", "--route", "auto"], "--route auto is not offered for agents"),
+    (["agent", "Why?", "--workers", "0"], "need at least one worker"),
+])
+def test_the_agent_command_refuses_bad_input_in_one_line(args, message, capsys, monkeypatch):
+    from test_cli import refused
+
+    code, stderr = refused(args, True, capsys, monkeypatch)
+    lines = stderr.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.slow
+def test_the_agent_command_reports_every_turn_as_json():
+    from test_cli import parsyn
+
+    done = parsyn("agent", QUESTION, "--workers", "2", "--max-turns", "1", "--max-new-tokens", "48",
+                  "--answer-tokens", "12", "--handover", "trajectory", "--model", "qwen2.5-coder-0.5b", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["handover"] == "trajectory" and len(report["agents"]) == len(report["branches"]) == 2
+    turns = [turn for a in report["agents"] for turn in a["turns"]]
+    assert any(r["text"] == PRODUCT for turn in turns for r in turn["results"])
+    assert any(c["name"] == "calculator" for turn in turns for c in turn["calls"])
+    cache = report["routes"]["cache"]
+    assert "tool" in [p["source"] for p in cache["provenance"]] and report["routes"]["text"]["answer"]

@@ -11,7 +11,8 @@ rows keep decoding meanwhile. A turn without calls is the worker's answer. A tur
 Limits end every loop: `max_turns` tool turns and the token budget (`sampling.max_new_tokens`, over all
 turns). A call past the turn limit is not run: the agent is told so and given one last turn to answer
 without tools; the trajectory says why it stopped. A call that repeats one the agent made before gets the
-same result back with a note to use it. A malformed call, an unknown tool, bad
+same result back. Tool results end with `ANSWER_HINT` in the agent's context (by default every time; the
+trajectory records the results without it). A malformed call, an unknown tool, bad
 arguments, a raising or hanging tool all come back to the agent as `error: ...` results (`Tool.call`).
 """
 
@@ -38,6 +39,13 @@ from ..workers import Branch, Fork, Forking
 
 AGENT_SAMPLING = SamplingParams(max_new_tokens=256, temperature=0.0)
 HANDOVERS = ("final", "trajectory")
+HINTS = ("always", "last", "never")
+# The synthesizer reads branches made over a prefix that offers tools; it answers from them (its own tool
+# calls are not run yet).
+AGENT_INSTRUCTION = "Using the answers above, answer the question in words, without calling a tool: {question}"
+# Follows tool results (see `run_agents`' hint): without it, small models (Qwen2.5-Coder-0.5B) go on calling
+# tools on a result instead of answering; softer wordings ("if it answers the question...") did not stop them.
+ANSWER_HINT = "\n(This is the tool's result. Now answer the question in words; do not call a tool again.)"
 
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
 _FENCE = re.compile(r"^\s*```(?:json)?|```\s*$")
@@ -76,7 +84,7 @@ class Trajectory:
         is a call), the last result a tool gave it, else ""."""
         last = self.turns[-1] if self.turns else None
         words = "" if last is None else _CALL.sub("", last.text).strip()
-        if words and not (last.calls and not _CALL.search(last.text)) and not words.startswith('{"name"'):
+        if words and not (last.calls and not _CALL.search(last.text)) and not words.startswith("{"):
             return words
         found = [r.text for t in self.turns for r in t.results if r.ok]
         return found[-1] if found else ""
@@ -139,6 +147,7 @@ class _Agent:
     tool_s: float = 0.0
     stopped: str = "answer"
     seen: dict[str, str] = field(default_factory=dict)  # a call's JSON -> its result text
+    hint: bool = False                              # its next tool turn ends with ANSWER_HINT
     tool_runs: list[tuple[int, int]] = field(default_factory=list)  # (offset in ids, length) of tool turns
 
 
@@ -153,14 +162,19 @@ def run_agents(
     sampling: SamplingParams = AGENT_SAMPLING,
     max_turns: int = 4,
     handover: str = "final",
+    hint: str = "always",
     on_turn: Callable[[int, Turn], None] | None = None,
 ) -> AgentRun:
     """Run `workers` agents on `question` with `tools`, as one batch over a shared prefix (the system
     prompt offers the tools). handover: "final" (a branch is the worker's opening and final turn, its K/V
     re-rotated to follow the opening) or "trajectory" (every turn and tool result, K/V as computed).
+    hint: where tool results end with ANSWER_HINT: "always", "last" (the last allowed tool turn and repeated
+    calls) or "never".
     on_turn(worker, turn) reports each finished turn (tool results included)."""
     if handover not in HANDOVERS:
         raise ValueError(f"unknown handover {handover!r}; choose one of {', '.join(HANDOVERS)}")
+    if hint not in HINTS:
+        raise ValueError(f"unknown hint {hint!r}; choose one of {', '.join(HINTS)}")
     if max_turns < 0:
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
     fmt = ChatFormat(lm.tokenizer, tuple(tools.schemas()))
@@ -178,7 +192,7 @@ def run_agents(
                     a.ids.append(e.id)
                     a.generated += 1
                     if e.finish is not None:
-                        job = _end_turn(lm, tools, a, e, max_turns, sampling.max_new_tokens, on_turn)
+                        job = _end_turn(lm, tools, a, e, max_turns, sampling.max_new_tokens, hint, on_turn)
                         if job is not None:
                             batch.pause(e.key)
                             pending[pool.submit(job)] = e.key
@@ -204,7 +218,8 @@ def run_agents(
     return AgentRun(fork, trajectories, handover)
 
 
-def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int, on_turn) -> Callable | None:
+def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int, hint: str,
+              on_turn) -> Callable | None:
     """Close the turn a row just finished. Returns the job that gives its tool results (run it, then
     extend the row), or None when the agent is done. An agent past its turn limit gets one last turn,
     told to answer without tools; past that, or out of tokens, its calls are not run."""
@@ -215,6 +230,8 @@ def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int,
         return None
     a.calls = calls
     if a.stopped == "answer" and len(a.turns) < max_turns and a.generated < budget - 1:
+        a.hint = (hint == "always" or len(a.turns) + 1 >= max_turns
+                  or any(_call_key(c) in a.seen for c in calls)) and hint != "never"
         return partial(_run, tools, calls, dict(a.seen))
     if a.stopped == "answer" and a.generated < budget - 1:
         a.stopped = "max_turns"
@@ -234,7 +251,10 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
     for c, r in zip(a.calls, results):
         a.seen.setdefault(_call_key(c), r.text)
     _close(a, on_turn, key, a.calls, results)
-    ids = fmt.ids(fmt.tool_results(question, system, [r.text for r in results]))
+    texts = [r.text for r in results]
+    if a.hint:
+        texts[-1] += ANSWER_HINT
+    ids = fmt.ids(fmt.tool_results(question, system, texts))
     a.tool_runs.append((len(a.ids), len(ids)))
     a.ids += ids
     a.turn_at = len(a.ids)
@@ -242,16 +262,14 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
 
 
 def _run(tools: Toolbox, calls: list[Call], seen: dict[str, str]) -> tuple[tuple[ToolResult, ...], float]:
-    """Run the calls in order; one that repeats an earlier call of this agent gets that result again, with
-    a note to use it (small models tend to loop on a call)."""
+    """Run the calls in order; one that repeats an earlier call of this agent gets that result again."""
     t0 = time.perf_counter()
     results = []
     for c in calls:
         if c.error:
             results.append(ToolResult(c.error, False, 0.0))
         elif _call_key(c) in seen:
-            results.append(ToolResult(f"{seen[_call_key(c)]}\n(the same call as before, with the same result: "
-                                      "answer the question with it)", True, 0.0))
+            results.append(ToolResult(seen[_call_key(c)], True, 0.0))
         else:
             results.append(tools.call(c.name, c.arguments))
     return tuple(results), time.perf_counter() - t0

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from . import evaluate, models, run, serve, train  # noqa: F401  (each registers its commands on the app)
+from . import agent, evaluate, models, run, serve, train  # noqa: F401  (each registers its commands on the app)
 from .common import Interrupted, Terminated, app, quiet_libraries, raise_on_sigterm
 
 

@@ -75,17 +75,20 @@ def run(
         _show(f, results, trained=trained is not None)
 
 
-def _synthesize(lm, f, route, layout, gate, sampling, trained) -> tuple[dict, dict | None]:
+def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None) -> tuple[dict, dict | None]:
     """{route name: Synthesis} by the routes asked for, and the auto gate's decision (None without it)."""
+    from ..chat import DEFAULT_INSTRUCTION
     from ..synthesis import synthesize
 
+    instruction = instruction or DEFAULT_INSTRUCTION
     if route == Route.auto:
         from ..auto import synthesize_auto
 
-        s, decision = synthesize_auto(lm, f, gate, sampling=sampling, synthesizer=trained)
+        s, decision = synthesize_auto(lm, f, gate, sampling=sampling, synthesizer=trained, instruction=instruction)
         return {"auto": s}, decision
     routes = ["text", "cache"] if route == Route.both else [route.value]
-    return {r: synthesize(lm, f, route=r, layout=layout, sampling=sampling, synthesizer=trained) for r in routes}, None
+    return {r: synthesize(lm, f, route=r, layout=layout, sampling=sampling, synthesizer=trained,
+                          instruction=instruction) for r in routes}, None
 
 
 def _gate(route, path: Optional[Path]):
