@@ -96,11 +96,16 @@ class Trajectory:
 
 @dataclass(frozen=True, eq=False)
 class AgentRun:
-    """The fork the synthesizer reads (its branches per `handover`) and every worker's trajectory."""
+    """The fork the synthesizer reads (its branches per `handover`) and every worker's trajectory;
+    `forks` holds the fork of each handover, both made of the same trajectories."""
 
-    fork: Fork
+    forks: dict[str, Fork]
     trajectories: tuple[Trajectory, ...]
     handover: str
+
+    @property
+    def fork(self) -> Fork:
+        return self.forks[self.handover]
 
 
 def parse_calls(text: str) -> list[Call]:
@@ -138,6 +143,7 @@ def parse_calls(text: str) -> list[Call]:
 class _Agent:
     role: str | None
     opening: tuple[int, ...]
+    tools: Toolbox
     ids: list[int] = field(default_factory=list)   # every token after the opening: turns and tool turns
     turn_at: int = 0                                # where the current turn starts in `ids`
     text: str = ""
@@ -154,7 +160,7 @@ class _Agent:
 def run_agents(
     lm: LM,
     question: str,
-    tools: Toolbox,
+    tools: Toolbox | Sequence[Toolbox],
     *,
     workers: int = 3,
     roles: Sequence[str] = (),
@@ -170,17 +176,22 @@ def run_agents(
     re-rotated to follow the opening) or "trajectory" (every turn and tool result, K/V as computed).
     hint: where tool results end with ANSWER_HINT: "always", "last" (the last allowed tool turn and repeated
     calls) or "never".
-    on_turn(worker, turn) reports each finished turn (tool results included)."""
+    on_turn(worker, turn) reports each finished turn (tool results included). `tools` may be one toolbox
+    per worker (e.g. search over different shards): their schemas must be the same, as the shared prefix
+    offers them to all."""
     if handover not in HANDOVERS:
         raise ValueError(f"unknown handover {handover!r}; choose one of {', '.join(HANDOVERS)}")
     if hint not in HINTS:
         raise ValueError(f"unknown hint {hint!r}; choose one of {', '.join(HINTS)}")
     if max_turns < 0:
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-    fmt = ChatFormat(lm.tokenizer, tuple(tools.schemas()))
+    boxes = [tools] * workers if isinstance(tools, Toolbox) else list(tools)
+    if len(boxes) != workers or any(b.schemas() != boxes[0].schemas() for b in boxes):
+        raise ValueError(f"give one toolbox, or one per worker ({workers}) with the same tool schemas")
+    fmt = ChatFormat(lm.tokenizer, tuple(boxes[0].schemas()))
     plan = Forking.plan(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling, fmt=fmt)
     state, logits, rows = plan.start()
-    agents = {r.key: _Agent(plan.roles[0][i], plan.openings[0][i]) for i, r in enumerate(rows)}
+    agents = {r.key: _Agent(plan.roles[0][i], plan.openings[0][i], boxes[i]) for i, r in enumerate(rows)}
     batch = Batch(lm, state, logits, rows)
     pending: dict[Future, tuple] = {}
     t0 = time.perf_counter()
@@ -192,7 +203,7 @@ def run_agents(
                     a.ids.append(e.id)
                     a.generated += 1
                     if e.finish is not None:
-                        job = _end_turn(lm, tools, a, e, max_turns, sampling.max_new_tokens, hint, on_turn)
+                        job = _end_turn(lm, a, e, max_turns, sampling.max_new_tokens, hint, on_turn)
                         if job is not None:
                             batch.pause(e.key)
                             pending[pool.submit(job)] = e.key
@@ -211,14 +222,16 @@ def run_agents(
     keys = [r.key for r in rows]
     trajectories = tuple(Trajectory(agents[k].role, tuple(agents[k].turns), agents[k].stopped, agents[k].generated,
                                     agents[k].tool_s) for k in keys)
-    rope = rope_of(lm.model) if handover == "final" else None
-    branches = tuple(_branch(agents[k], batch.results[k].kv, handover, rope, trajectories[i].answer)
-                     for i, k in enumerate(keys))
-    fork = Fork(question, system, plan.prefixes[0], plan.prefix_kv[0], branches, plan.prefill_s, decode_s)
-    return AgentRun(fork, trajectories, handover)
+    rope = rope_of(lm.model)
+    forks = {}
+    for h in HANDOVERS:
+        branches = tuple(_branch(agents[k], batch.results[k].kv, h, rope, trajectories[i].answer)
+                         for i, k in enumerate(keys))
+        forks[h] = Fork(question, system, plan.prefixes[0], plan.prefix_kv[0], branches, plan.prefill_s, decode_s)
+    return AgentRun(forks, trajectories, handover)
 
 
-def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int, hint: str,
+def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, hint: str,
               on_turn) -> Callable | None:
     """Close the turn a row just finished. Returns the job that gives its tool results (run it, then
     extend the row), or None when the agent is done. An agent past its turn limit gets one last turn,
@@ -232,7 +245,7 @@ def _end_turn(lm: LM, tools: Toolbox, a: _Agent, e, max_turns: int, budget: int,
     if a.stopped == "answer" and len(a.turns) < max_turns and a.generated < budget - 1:
         a.hint = (hint == "always" or len(a.turns) + 1 >= max_turns
                   or any(_call_key(c) in a.seen for c in calls)) and hint != "never"
-        return partial(_run, tools, calls, dict(a.seen))
+        return partial(_run, a.tools, calls, dict(a.seen))
     if a.stopped == "answer" and a.generated < budget - 1:
         a.stopped = "max_turns"
         refusal = (f"error: not run: the agent reached its limit of {max_turns} tool turns; "

@@ -84,9 +84,13 @@ def evaluate(
     worker_tokens: Annotated[Optional[int], typer.Option(help="Workers' token limit (overrides the above).")] = None,
     answer_tokens: Annotated[Optional[int], typer.Option(help="Synthesizers' token limit (overrides).")] = None,
     adapter: Annotated[str, typer.Option(help="Synthesizer for cache-trained: auto, none or a checkpoint.")] = "auto",
+    max_turns: Annotated[int, typer.Option(help="Agentic tasks: tool turns per agent.")] = 3,
     model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
-    """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches."""
+    """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches. Agentic
+    tasks (agent_docs, agent_sql, agent_mbpp) run tool-using workers and compare handovers instead."""
+    if any(t.startswith("agent_") for t in names(tasks)):
+        return _agentic(names(tasks), out, limit, seed, workers, max_turns, adapter, model)
     from ..eval.run import EvalConfig
     from ..eval.run import run as run_eval
 
@@ -102,6 +106,37 @@ def evaluate(
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
                            progress=lambda done, n, task: tick(done, n))
     print_summary(summary, out)
+
+
+def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) -> None:
+    from ..eval import agentic
+    from ..files import read_records
+
+    if not all(t.startswith("agent_") for t in tasks):
+        raise ValueError("agentic tasks (agent_*) run in an evaluation of their own; list them without the others")
+    config = agentic.AgenticConfig(tasks=tuple(tasks), limit=limit, seed=seed, workers=workers, max_turns=max_turns,
+                                   adapter=adapter)
+    lm = load_model(model)
+    kept = lambda: (f"{len(read_records(out / 'predictions.jsonl'))} finished items are in "
+                    f"{out / 'predictions.jsonl'}; run the same command to resume")
+    with resumable(kept), steps("items", 1) as tick:
+        summary = agentic.run(lm, config, out, progress=lambda done, n, task: tick(done, n))
+    table = Table(title=f"agentic evaluation ({out})", title_justify="left")
+    for column in ("task", "method", "n", "accuracy [95% CI]", "vs text [95% CI]", "TTFT p50", "question → first token",
+                   "prefilled"):
+        table.add_column(column)
+    for task, entry in summary["tasks"].items():
+        for method, m in entry["methods"].items():
+            low, high = m["accuracy_ci"]
+            versus = m.get("vs_text")
+            table.add_row(task, method, f"{m['n']}" + (" (smoke)" if entry["smoke"] else ""),
+                          f"{100 * m['accuracy']:.0f}% [{100 * low:.0f}, {100 * high:.0f}]",
+                          f"{100 * versus['diff']:+.0f} [{100 * versus['diff_ci'][0]:+.0f}, "
+                          f"{100 * versus['diff_ci'][1]:+.0f}]" if versus else "—",
+                          f"{m['ttft_s'] * 1000:.0f} ms" if "ttft_s" in m else "—",
+                          f"{m.get('e2e_first_s', m['latency_s']):.1f} s",
+                          f"{m['prefill_tokens']:.0f}" if "prefill_tokens" in m else "—")
+    Console().print(table)
 
 
 def print_summary(summary: dict, out: Path) -> None:
