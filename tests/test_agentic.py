@@ -23,6 +23,16 @@ def test_docs_items_hide_the_gold_passage_in_exactly_one_worker_s_shard():
     assert A.load("agent_docs", limit=5, workers=3) == items  # the same seed gives the same items
 
 
+def test_docs_workers_search_their_own_shard_with_one_schema(tmp_path):
+    (item,) = A.load("agent_docs", limit=1, workers=3)
+    boxes = A.toolboxes(item, tmp_path, 3)
+    assert all(b.schemas() == boxes[0].schemas() for b in boxes)
+    holder = next(w for w, shard in enumerate(item.shards) if any(p["id"] == "doc-gold" for p in shard))
+    query = item.question.split("\n")[0]
+    found = [b.call("search", {"query": query}).text for b in boxes]
+    assert "doc-gold" in found[holder] and all("doc-gold" not in f for w, f in enumerate(found) if w != holder)
+
+
 def test_sql_gold_answers_are_what_the_query_gives_on_the_written_database(tmp_path):
     items = A.load("agent_sql", limit=8, workers=2)
     for item in items:

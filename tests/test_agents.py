@@ -219,3 +219,17 @@ def test_the_agent_command_reports_every_turn_as_json():
     assert any(c["name"] == "calculator" for turn in turns for c in turn["calls"])
     cache = report["routes"]["cache"]
     assert "tool" in [p["source"] for p in cache["provenance"]] and report["routes"]["text"]["answer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["sql_agents.py", "research_docs.py", "code_with_tests.py"])
+def test_the_examples_run_to_the_end(example):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / example
+    done = subprocess.run([sys.executable, str(script), "--model", "smollm2-135m", "--tokens", "40"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "text " in done.stdout and "cache (" in done.stdout and "ms to first token" in done.stdout

@@ -86,7 +86,7 @@ class Trajectory:
         words = "" if last is None else _CALL.sub("", last.text).strip()
         if words and not (last.calls and not _CALL.search(last.text)) and not words.startswith("{"):
             return words
-        found = [r.text for t in self.turns for r in t.results if r.ok]
+        found = [r.text for t in self.turns for r in t.results if r.ok and not r.text.startswith("error:")]
         return found[-1] if found else ""
 
     @property
@@ -187,7 +187,8 @@ def run_agents(
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
     boxes = [tools] * workers if isinstance(tools, Toolbox) else list(tools)
     if len(boxes) != workers or any(b.schemas() != boxes[0].schemas() for b in boxes):
-        raise ValueError(f"give one toolbox, or one per worker ({workers}) with the same tool schemas")
+        raise ValueError(f"give one toolbox, or one per worker ({workers}) whose tools have the same names, "
+                         "descriptions and parameters (the shared prefix offers them to every worker)")
     fmt = ChatFormat(lm.tokenizer, tuple(boxes[0].schemas()))
     plan = Forking.plan(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling, fmt=fmt)
     state, logits, rows = plan.start()

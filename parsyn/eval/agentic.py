@@ -41,6 +41,7 @@ AGENT_TASKS = ("agent_docs", "agent_sql", "agent_mbpp")
 ROUTES = {"text": dict(route="text"), "cache": dict(route="cache", layout="parallel"), "trained": dict(route="cache")}
 METHODS = ("single", *(f"{r}-{h}" for r in ROUTES for h in ("final", "trajectory")))
 BUDGETS = {"agent_docs": (160, 24), "agent_sql": (192, 24), "agent_mbpp": (320, 192)}  # agent, answer tokens
+SHARD_SEARCH = "Search your documents by keywords (BM25) and read the best matching passages."
 ROLES = ("Work carefully.", "Be quick and direct.", "Double-check before you answer.", "Try another approach.")
 
 
@@ -163,7 +164,7 @@ def toolboxes(item: AgentItem, folder: Path, workers: int) -> list[Toolbox]:
             path = folder / "corpora" / f"{item.id}-{w}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(p) + "\n" for p in shard))
-            boxes.append(Toolbox([search_tool(path, k=2)]))
+            boxes.append(Toolbox([search_tool(path, k=2, description=SHARD_SEARCH)]))
         return boxes
     if item.task == "agent_sql":
         path = folder / "dbs" / f"{item.id}.sqlite"
