@@ -99,10 +99,13 @@ class ChatFormat:
     def synthesis(self, question: str, system: str | None, instruction: str) -> str:
         """The synthesizer's own prompt after the last branch: its instruction turn (where "{question}"
         stands for the question) and the assistant header."""
+        return self.follow_up(question, system, instruction.replace("{question}", question))
+
+    def follow_up(self, question: str, system: str | None, text: str) -> str:
+        """What follows an assistant turn (after its end-of-turn token): a user turn holding `text` and the
+        assistant header of the answer."""
         messages = self._opening(question, system) + [
-            {"role": "assistant", "content": _MARK},
-            {"role": "user", "content": instruction.replace("{question}", question)},
-        ]
+            {"role": "assistant", "content": _MARK}, {"role": "user", "content": text}]
         return self._after_turn(self._render(messages, generation=True))
 
     def tool_results(self, question: str, system: str | None, results: list[str]) -> str:
