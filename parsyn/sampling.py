@@ -45,6 +45,12 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
+def alone_seed(seed: int, row: int) -> int:
+    """The seed a one-worker request needs to sample as row `row` of a request seeded `seed` does:
+    row_seed(alone_seed(s, i), 0) == row_seed(s, i) (the multiplier is odd, so it has an inverse)."""
+    return row_seed(seed, row) * pow(1_000_003, -1, 2**63) % 2**63
+
+
 def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A generator seeded with `params.seed` for sampled rows; None for greedy ones."""
     if params.temperature == 0:

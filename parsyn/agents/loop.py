@@ -179,24 +179,30 @@ def run_agents(
     on_turn(worker, turn) reports each finished turn (tool results included). `tools` may be one toolbox
     per worker (e.g. search over different shards): their schemas must be the same, as the shared prefix
     offers them to all."""
-    if handover not in HANDOVERS:
-        raise ValueError(f"unknown handover {handover!r}; choose one of {', '.join(HANDOVERS)}")
-    if hint not in HINTS:
-        raise ValueError(f"unknown hint {hint!r}; choose one of {', '.join(HINTS)}")
-    if max_turns < 0:
-        raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-    boxes = [tools] * workers if isinstance(tools, Toolbox) else list(tools)
-    if len(boxes) != workers or any(b.schemas() != boxes[0].schemas() for b in boxes):
-        raise ValueError(f"give one toolbox, or one per worker ({workers}) whose tools have the same names, "
-                         "descriptions and parameters (the shared prefix offers them to every worker)")
+    boxes = _checked(tools, workers, handover, hint, max_turns)
     fmt = ChatFormat(lm.tokenizer, tuple(boxes[0].schemas()))
     plan = Forking.plan(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling, fmt=fmt)
     state, logits, rows = plan.start()
     agents = {r.key: _Agent(plan.roles[0][i], plan.openings[0][i], boxes[i]) for i, r in enumerate(rows)}
     batch = Batch(lm, state, logits, rows)
-    pending: dict[Future, tuple] = {}
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(rows), thread_name_prefix="parsyn-tool") as pool:
+    _drive(lm, batch, agents, fmt, question, system, max_turns, sampling.max_new_tokens, hint, on_turn)
+    decode_s = time.perf_counter() - t0
+    keys = [r.key for r in rows]
+    trajectories = tuple(Trajectory(agents[k].role, tuple(agents[k].turns), agents[k].stopped, agents[k].generated,
+                                    agents[k].tool_s) for k in keys)
+    forks = {h: Fork(question, system, plan.prefixes[0], plan.prefix_kv[0],
+                     tuple(_branch(agents[k], batch.results[k].kv, h, rope_of(lm.model), t.answer)
+                           for k, t in zip(keys, trajectories)), plan.prefill_s, decode_s) for h in HANDOVERS}
+    return AgentRun(forks, trajectories, handover)
+
+
+def _drive(lm: LM, batch: Batch, agents: dict, fmt: ChatFormat, question: str, system: str | None, max_turns: int,
+           budget: int, hint: str, on_turn) -> None:
+    """Decode the agents' rows to the end: a turn with calls pauses its row while a pool thread runs them,
+    their results extend it; the other rows go on meanwhile (the loop waits only when none can)."""
+    pending: dict[Future, tuple] = {}
+    with ThreadPoolExecutor(max_workers=len(agents), thread_name_prefix="parsyn-tool") as pool:
         try:
             while batch.live:
                 for e in batch.sample_():
@@ -204,7 +210,7 @@ def run_agents(
                     a.ids.append(e.id)
                     a.generated += 1
                     if e.finish is not None:
-                        job = _end_turn(lm, a, e, max_turns, sampling.max_new_tokens, hint, on_turn)
+                        job = _end_turn(lm, a, e, max_turns, budget, hint, on_turn)
                         if job is not None:
                             batch.pause(e.key)
                             pending[pool.submit(job)] = e.key
@@ -219,17 +225,21 @@ def run_agents(
         finally:
             for future in pending:
                 future.cancel()
-    decode_s = time.perf_counter() - t0
-    keys = [r.key for r in rows]
-    trajectories = tuple(Trajectory(agents[k].role, tuple(agents[k].turns), agents[k].stopped, agents[k].generated,
-                                    agents[k].tool_s) for k in keys)
-    rope = rope_of(lm.model)
-    forks = {}
-    for h in HANDOVERS:
-        branches = tuple(_branch(agents[k], batch.results[k].kv, h, rope, trajectories[i].answer)
-                         for i, k in enumerate(keys))
-        forks[h] = Fork(question, system, plan.prefixes[0], plan.prefix_kv[0], branches, plan.prefill_s, decode_s)
-    return AgentRun(forks, trajectories, handover)
+
+
+def _checked(tools, workers: int, handover: str, hint: str, max_turns: int) -> list[Toolbox]:
+    """The settings of `run_agents` checked; one toolbox per worker."""
+    if handover not in HANDOVERS:
+        raise ValueError(f"unknown handover {handover!r}; choose one of {', '.join(HANDOVERS)}")
+    if hint not in HINTS:
+        raise ValueError(f"unknown hint {hint!r}; choose one of {', '.join(HINTS)}")
+    if max_turns < 0:
+        raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+    boxes = [tools] * workers if isinstance(tools, Toolbox) else list(tools)
+    if len(boxes) != workers or any(b.schemas() != boxes[0].schemas() for b in boxes):
+        raise ValueError(f"give one toolbox, or one per worker ({workers}) whose tools have the same names, "
+                         "descriptions and parameters (the shared prefix offers them to every worker)")
+    return boxes
 
 
 def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, hint: str,

@@ -1,0 +1,1 @@
+"""Bridges to agent frameworks (optional extras): `langgraph` (pip install 'parsyn[langgraph]')."""
