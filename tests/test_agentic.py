@@ -74,6 +74,10 @@ def test_a_run_resumes_and_compares_every_method_on_the_same_trajectories(qwen, 
     m = record["methods"]
     assert m["text-trajectory"]["prefill_tokens"] > m["cache-trajectory"]["prefill_tokens"]
     assert sum(record["branch_tokens"]["trajectory"]) >= sum(record["branch_tokens"]["final"])
+    from parsyn.eval.report import write_report
+
+    page = write_report(tmp_path).read_text()
+    assert "agentic evaluation" in page and "show the harness, not a result" in page and "data:image/png" in page
     again = A.run(qwen, config, tmp_path)  # resumed: nothing new runs, the same summary comes back
     assert again == summary and len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 1
     with pytest.raises(ValueError, match="other settings"):

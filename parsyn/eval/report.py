@@ -291,6 +291,11 @@ def write_report(results_dir: Path, *, bench: Path | Sequence[Path] | None = Non
     Returns the path of the HTML file.
     """
     results_dir = Path(results_dir)
+    raw = read_json(results_dir / "summary.json", "evaluation summary")
+    if isinstance(raw, dict) and "tasks" in raw and "rows" not in raw:  # an agentic evaluation
+        from . import agentic_report
+
+        return agentic_report.write(results_dir, raw, out)
     summary = load_results(results_dir / "summary.json", "rows", ("task", "method"))
     paths = [] if bench is None else [bench] if isinstance(bench, (str, Path)) else list(bench)
     benches = [load_results(Path(p), "cells", ("branches", "length")) for p in paths]
