@@ -28,3 +28,17 @@ def test_batched_branches_match_fresh_prefill_and_one_branch_is_the_text_route(q
     assert_branches_match_fresh_prefill(qwen, f, atol=2e-4)
     one = fork(qwen, QUESTION, workers=1, sampling=SamplingParams(max_new_tokens=10, temperature=0.7, seed=2))
     assert_cache_route_is_text_route(qwen, one)
+
+
+def test_the_packaged_synthesizer_fits_the_default_model_only(qwen, default_lm):
+    from pathlib import Path
+
+    import parsyn
+    from parsyn.adapter import load, resolve
+
+    trained = resolve(qwen, "auto")
+    assert trained is not None and trained.recipe["train"]["steps"] == 800
+    folder = Path(parsyn.__file__).parent / "checkpoints" / "qwen2.5-coder-0.5b-instruct"
+    with pytest.raises(ValueError, match="Qwen2.5-Coder-0.5B-Instruct") as refused:
+        load(default_lm, folder)
+    assert len(str(refused.value).splitlines()) == 1
