@@ -77,7 +77,7 @@ def evaluate(
              "probe_agreement": 1.0, "agreement": 1.0, "token_agreement": 1.0, "kl": 0.0, "kl_value": 0.0}]
     for v in variants:
         say(v.name)
-        kl, kl_value, tokens = _held_out_kl(lm, v, held_out)
+        kl, kl_value, tokens = _held_out_kl(lm, v, held_out, forks)
         greedy = answers(lm, forks, route="cache", layout=v.layout, instructions=instructions,
                          sampling=SamplingParams(answer_tokens, 0.0), synthesizer=v.synthesizer, options=v.options)
         said = [t for _, t in answers(lm, probe_forks, route="cache", layout=v.layout, sampling=probe_sampling,
@@ -92,12 +92,13 @@ def evaluate(
     return rows
 
 
-def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict]) -> tuple[float, float, float]:
-    """Mean KL per answer token, at value tokens, and the share of teacher-forced top-1 matches."""
+def _held_out_kl(lm: LM, variant: Variant, items: Sequence[dict], forks: Sequence) -> tuple[float, float, float]:
+    """Mean KL per answer token, at value tokens, and the share of teacher-forced top-1 matches (`forks`:
+    the items' forks, prefilled once for every variant: a fork is never modified)."""
     total, count, value_total, value_count, same = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
-        for item in items:
-            logits = teacher_forced(lm, _fork(lm, item), item["prompt_ids"], item["answer_ids"], layout=variant.layout,
+        for item, f in zip(items, forks):
+            logits = teacher_forced(lm, f, item["prompt_ids"], item["answer_ids"], layout=variant.layout,
                                     synthesizer=variant.synthesizer, options=variant.options)
             kl = kl_per_position(logits, torch.tensor(item["topk_ids"]), torch.tensor(item["topk_logprobs"]))
             mask = torch.tensor(item["value_mask"], dtype=torch.bool)
