@@ -32,7 +32,7 @@ demo: install
 		--route both --layout parallel --max-new-tokens 48
 
 test: install
-	$(VENV)/bin/ruff check parsyn tests benchmarks
+	$(VENV)/bin/ruff check parsyn tests benchmarks examples
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
