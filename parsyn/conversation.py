@@ -51,7 +51,8 @@ class Conversation:
         else:
             if not follow_up or not follow_up.strip():
                 raise ValueError("a follow-up needs a question")
-            prefill = self._extend(self.fmt.ids(self.fmt.follow_up(self.fork.question, self.fork.system, follow_up)))
+            ids = self.fmt.ids(self.fmt.follow_up(self.fork.question, self.fork.system, follow_up))
+            prefill = self._extend(ids, sampling.max_new_tokens)
         tokens, first, done = [], None, False
         while not done:
             (e,) = self._batch.sample_()
@@ -82,10 +83,10 @@ class Conversation:
         self._batch = Batch(self.lm, ready.state, ready.logits, [row], adapter=trained)
         return ready.prefill_tokens
 
-    def _extend(self, ids) -> int:
+    def _extend(self, ids, answer_tokens: int) -> int:
         ids = ([] if self._closed else [self.lm.stop_ids[0]]) + list(ids)  # a turn cut by its budget is closed
         at = int(self._batch.state.next_pos.max())
-        self.lm.check_positions(at + len(ids) + self.sampling.max_new_tokens, "the conversation plus the next turn")
+        self.lm.check_positions(at + len(ids) + answer_tokens, "the conversation plus the next turn")
         self._batch.extend(_KEY, ids)
         self._batch.advance_()
         self._first_logits = self._batch.logits[0]

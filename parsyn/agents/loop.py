@@ -191,8 +191,9 @@ def run_agents(
     keys = [r.key for r in rows]
     trajectories = tuple(Trajectory(agents[k].role, tuple(agents[k].turns), agents[k].stopped, agents[k].generated,
                                     agents[k].tool_s) for k in keys)
+    rope = rope_of(lm.model)
     forks = {h: Fork(question, system, plan.prefixes[0], plan.prefix_kv[0],
-                     tuple(_branch(agents[k], batch.results[k].kv, h, rope_of(lm.model), t.answer)
+                     tuple(_branch(agents[k], batch.results[k].kv, h, rope, t.answer)
                            for k, t in zip(keys, trajectories)), plan.prefill_s, decode_s) for h in HANDOVERS}
     return AgentRun(forks, trajectories, handover)
 

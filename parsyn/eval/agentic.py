@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean, median
 
 from .. import datasets as D
 from ..adapter import resolve
@@ -273,32 +274,23 @@ def summarize(records: Sequence[dict], methods: Sequence[str], config: AgenticCo
         if not rows:
             continue
         entry = {"n": len(rows), "smoke": len(rows) < stats.SMOKE, "methods": {},
-                 "tool_calls": _mean([sum(a["calls"] for a in r["agents"]) for r in rows]),
-                 "agents_s": _median([r["agents_s"] for r in rows])}
+                 "tool_calls": fmean([sum(a["calls"] for a in r["agents"]) for r in rows]),
+                 "agents_s": median([r["agents_s"] for r in rows])}
         for m in methods:
             got = [r["methods"][m] for r in rows]
             e = stats.accuracy([g["score"] for g in got])
             if m != "single":
                 text = [r["methods"]["text-" + m.split("-")[1]]["score"] for r in rows]
                 e |= {"vs_text": stats.paired([g["score"] for g in got], text)} if not m.startswith("text") else {}
-                e |= {"ttft_s": _median([g["ttft_s"] for g in got]), "prefill_tokens": _mean(
-                    [g["prefill_tokens"] for g in got]), "e2e_first_s": _median([g["e2e_first_s"] for g in got])}
-            e["latency_s"] = _median([g["latency_s"] for g in got])
+                e |= {"ttft_s": median([g["ttft_s"] for g in got]), "prefill_tokens": fmean(
+                    [g["prefill_tokens"] for g in got]), "e2e_first_s": median([g["e2e_first_s"] for g in got])}
+            e["latency_s"] = median([g["latency_s"] for g in got])
             entry["methods"][m] = e
         entry["ttft_ratio"] = {h: entry["methods"][f"text-{h}"]["ttft_s"] / entry["methods"][f"cache-{h}"]["ttft_s"]
                                for h in ("final", "trajectory")}
-        entry["branch_tokens"] = {h: _mean([sum(r["branch_tokens"][h]) for r in rows]) for h in ("final", "trajectory")}
+        entry["branch_tokens"] = {h: fmean([sum(r["branch_tokens"][h]) for r in rows]) for h in ("final", "trajectory")}
         tasks[task] = entry
     return {"model": model, "config": asdict(config) | {"tasks": list(config.tasks)}, "tasks": tasks}
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
 
 __all__ = ["AGENT_TASKS", "METHODS", "AgentItem", "AgenticConfig", "load", "run", "score", "summarize"]
