@@ -1,7 +1,9 @@
 """The core runtime's performance figures on the default model:
 
-- time to first token, text route against cache route, 3 branches of ~512 tokens, ~30-token prompt;
-- the cache route's composition overhead above its floor (prompt prefill over a ready cache);
+- time to first token, text route against cache route, 3 branches of ~512 tokens, ~30-token prompt:
+  the raw route and the default one (the packaged synthesizer, when one fits the model);
+- the cache route's composition overhead above its floor (prompt prefill over a ready cache), and the
+  floor against the same prompt prefilled with no context;
 - batched workers against the same workers one after another.
 
     python benchmarks/core.py --out results/core.json
@@ -14,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from parsyn import load
+from parsyn import adapter, load
 from parsyn.eval import bench
 
 
@@ -25,11 +27,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--branches", type=int, default=3)
+    parser.add_argument("--adapter", default="auto", help="synthesizer for the default route: auto, none or a path")
     args = parser.parse_args()
     lm = load(args.model)
+    trained = adapter.resolve(lm, args.adapter)
     report = {
         "environment": bench.environment(lm),
-        "ttft": bench.ttft_cell(lm, args.branches, args.length, repeats=args.repeats),
+        "synthesizer": trained.path.name if trained is not None and trained.path else None,
+        "ttft": bench.ttft_cell(lm, args.branches, args.length, repeats=args.repeats, synthesizer=trained),
         "workers": bench.worker_speed(lm, workers=3, max_new_tokens=64, repeats=2),
     }
     text = json.dumps(report, indent=2)
@@ -45,6 +50,9 @@ def main() -> None:
         f"batched workers {w['speedup']:.2f}x faster than one by one",
         file=sys.stderr,
     )
+    if "trained_ttft_s" in t:
+        print(f"default route (trained): {t['trained_ttft_s']:.3f} s, {t['trained_speedup']:.1f}x lower than text, "
+              f"{100 * t['trained_overhead_vs_raw']:+.1f}% above the raw route", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import logging
 import math
 import operator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -223,6 +223,23 @@ def save(synthesizer: Synthesizer, lm: LM, path: Path) -> Path:
     atomic_write(path / WEIGHTS, lambda p: p.write_bytes(data))
     write_json(path / CONFIG, meta)
     return path
+
+
+def derive(synthesizer: Synthesizer, *, mapper: bool = True, layout: str | None = None) -> Synthesizer:
+    """The same trained parts with the mapper dropped (`mapper=False`) and/or another default `layout`;
+    the recipe records what was derived from which weights. The LoRA is shared, not copied."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    config = replace(synthesizer.config, mapper=synthesizer.config.mapper if mapper else None,
+                     layout=layout or synthesizer.config.layout)
+    if config.mapper is None and not config.lora:
+        raise ValueError("a synthesizer without its mapper needs a LoRA: this one has none")
+    source = synthesizer.recipe.get("derived", {}).get("from") or (
+        json.loads((synthesizer.path / CONFIG).read_text()).get("sha256", {}).get(WEIGHTS)
+        if synthesizer.path is not None and (synthesizer.path / CONFIG).is_file() else None)
+    derived = {"from": source, "mapper": "kept" if config.mapper is not None else "dropped", "layout": config.layout}
+    return Synthesizer(config, synthesizer.mapper if mapper else None, synthesizer.lora, synthesizer.base,
+                       {**synthesizer.recipe, "derived": derived})
 
 
 def read_file(path: Path, what: str) -> bytes:

@@ -5,7 +5,10 @@ workers, the text route and the synthesizer, possibly inside one decode batch, s
 applies must be a property of the call (and of each batch row), not a flag on the model. A forward
 reads the active adapter from a context variable, which is private to the thread (or task) that set
 it; `active(rows=...)` limits the update to some batch rows. Nothing on the model changes after
-`attach`. The arithmetic and the tensor names are PEFT's (`<module>.lora_A.weight`, `<module>.lora_B.weight`,
+`attach`. Where a forward's whole batch is the synthesizer's and nothing is being trained (a synthesis
+prefill, its lone decode), each layer runs one matmul with a merged copy of its weight (W + scale · B A,
+built once: about the targeted projections' size again in memory); workers keep the base weights.
+The arithmetic and the tensor names are PEFT's (`<module>.lora_A.weight`, `<module>.lora_B.weight`,
 scale alpha / rank, A initialised as nn.Linear, B at zero), tested against the pinned PEFT release.
 """
 
@@ -33,6 +36,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
         self._owner = (owner,)  # a tuple, so the owner is not registered as a submodule
+        self._merge, self._merge_version = (), None
 
     @property
     def in_features(self) -> int:
@@ -43,16 +47,39 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         active = _ACTIVE.get()
         if active is None or active[0] is not self._owner[0]:
-            return result
+            return self.base_layer(x)
         rows = active[1]
         if rows is None:
-            return result + self.lora_B(self.lora_A(x)) * self.scaling
-        # x: [B, T, in]; rows: indices of the batch rows it applies to (the others' compute is skipped)
+            if not self._training(x):  # the whole batch is the synthesizer's: one matmul with the merged weight
+                return self._merged()(x)
+            return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        # x: [B, T, in]; rows: indices of the batch rows it applies to (the others' compute is skipped); in a
+        # mixed batch the low-rank update on those rows costs less than a second full matmul over them
         update = self.lora_B(self.lora_A(x.index_select(0, rows))) * self.scaling
-        return result.index_add(0, rows, update)
+        return self.base_layer(x).index_add(0, rows, update)
+
+    def _training(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad
+                                            or self.lora_B.weight.requires_grad)
+
+    def _merged(self) -> nn.Linear:
+        """A synthesizer-only copy of the base layer with the update folded in (W + scale · B A), of the base
+        layer's own class (so a packed CPU linear stays packed). Built on first use and again whenever a
+        weight changed in place; it is no parameter of the model, and the base layer is never modified."""
+        weights = (self.base_layer.weight, self.lora_A.weight, self.lora_B.weight)
+        version = tuple((w._version, w.data_ptr()) for w in weights)  # as cpu.PackedLinear tracks its pack
+        if self._merge_version != version:
+            base = self.base_layer
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: its version can be read
+                weight = torch.addmm(base.weight, self.lora_B.weight, self.lora_A.weight, alpha=self.scaling)
+            merged = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            merged.weight = nn.Parameter(weight, requires_grad=False)
+            merged.bias = base.bias
+            merged.__class__ = type(base)
+            self._merge, self._merge_version = (merged,), version  # a tuple: not registered as a submodule
+        return self._merge[0]
 
 
 def detach(model: nn.Module) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class Fork:
     branches: tuple[Branch, ...]
     prefill_s: float = 0.0  # prefix + branch openings (or whole given branches)
     decode_s: float = 0.0   # worker decoding
+    cut: tuple[int, ...] = ()  # workers stopped by a quorum or deadline join (not among the branches)
 
 
 def fork(
@@ -57,16 +59,19 @@ def fork(
     sampling: SamplingParams = WORKER_SAMPLING,
     batched: bool = True,
     on_token: Callable[[int, int], None] | None = None,
+    quorum: int | None = None,
+    deadline_s: float | None = None,
 ) -> Fork:
     """Run `workers` workers on `question`; the prefix (system + question) is prefilled once and shared.
 
     roles: none, or one instruction per worker. Workers decode as one batch with per-row stopping; worker
     i samples with seed `row_seed(sampling.seed, i)`, so its tokens do not depend on the batch
     (`batched=False` runs them one after another, for comparison). on_token(worker, token) reports progress.
+    quorum, deadline_s: a join that does not wait for stragglers (see `fork_many`).
     """
     report = None if on_token is None else (lambda _, worker, token: on_token(worker, token))
     return fork_many(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling,
-                     batched=batched, on_token=report)[0]
+                     batched=batched, on_token=report, quorum=quorum, deadline_s=deadline_s)[0]
 
 
 def fork_many(
@@ -79,20 +84,56 @@ def fork_many(
     sampling: SamplingParams | Sequence[SamplingParams] = WORKER_SAMPLING,
     batched: bool = True,
     on_token: Callable[[int, int, int], None] | None = None,
+    quorum: int | None = None,
+    deadline_s: float | None = None,
 ) -> list[Fork]:
     """Fork several questions in one batch: every prefix prefilled once (together), every question's
     workers decoded together. roles: one list for all questions, or one list per question (then each
     question has as many workers as roles). sampling: one for all, or one per question (a greedy agent
-    can decode beside sampled workers). on_token(question, worker, token) reports progress."""
+    can decode beside sampled workers). on_token(question, worker, token) reports progress.
+
+    quorum: a question's workers stop once `quorum` of them have finished; deadline_s: once this long has
+    passed since decoding began (and one has finished). Stragglers are cut: their rows leave the batch and
+    their fork lists them in `cut`; the finished branches are exactly those a full join would hold."""
+    join = Join(quorum, deadline_s)
     plan = Forking.plan(lm, questions, workers=workers, roles=roles, system=system, sampling=sampling,
                         rows_at_once=None if batched else 1)
+    if quorum is not None and quorum > min(map(len, plan.roles)):
+        raise ValueError(f"a quorum of {quorum} needs at least {quorum} workers per question")
+    if not batched and join.waits_less:
+        raise ValueError("a quorum or deadline join needs the workers batched")
     results: dict[tuple[int, int], Result] = {}
     for group in [plan.everyone] if batched else [[w] for w in plan.everyone]:
         state, logits, rows = plan.start(group)
         t2 = time.perf_counter()
-        results.update(_decode(lm, state, logits, rows, on_token))
+        results.update(_decode(lm, state, logits, rows, on_token, join))
         plan.decode_s += time.perf_counter() - t2
     return plan.forks(results)
+
+
+@dataclass(frozen=True)
+class Join:
+    """When a question's workers stop waiting for the rest: `quorum` finished, or `deadline_s` passed
+    since decoding began once at least one has finished (None: wait for every worker)."""
+
+    quorum: int | None = None
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.quorum is not None and (isinstance(self.quorum, bool) or not isinstance(self.quorum, int)
+                                        or self.quorum < 1):
+            raise ValueError(f"quorum must be a positive number of workers, got {self.quorum!r}")
+        if self.deadline_s is not None and not (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0):
+            raise ValueError(f"deadline must be a positive number of seconds, got {self.deadline_s!r}")
+
+    @property
+    def waits_less(self) -> bool:
+        return self.quorum is not None or self.deadline_s is not None
+
+    def stops(self, finished: int, elapsed_s: float) -> bool:
+        """Whether a question with `finished` workers done, `elapsed_s` into decoding, cuts the rest."""
+        late = self.deadline_s is not None and elapsed_s >= self.deadline_s and finished >= 1
+        return late or (self.quorum is not None and finished >= self.quorum)
 
 
 @dataclass(eq=False)
@@ -159,22 +200,36 @@ class Forking:
         return state, logits, rows
 
     def forks(self, results: dict) -> list[Fork]:
-        """The forks, one per question, from every worker's finished row (`results[question, worker]`)."""
+        """The forks, one per question, from its workers' finished rows (`results[question, worker]`); a
+        worker without a result was cut by a join."""
         def branches(q: int) -> tuple[Branch, ...]:
-            return tuple(_branch(self.lm, self.openings[q][i], results[q, i], r) for i, r in enumerate(self.roles[q]))
+            return tuple(_branch(self.lm, self.openings[q][i], results[q, i], r)
+                         for i, r in enumerate(self.roles[q]) if (q, i) in results)
 
         return [Fork(question, self.system, self.prefixes[q], self.prefix_kv[q], branches(q), self.prefill_s,
-                     self.decode_s) for q, question in enumerate(self.questions)]
+                     self.decode_s, tuple(i for i in range(len(self.roles[q])) if (q, i) not in results))
+                for q, question in enumerate(self.questions)]
 
 
-def _decode(lm: LM, state, logits, rows: Sequence[Row], on_token) -> dict:
-    if on_token is None:
+def _decode(lm: LM, state, logits, rows: Sequence[Row], on_token, join: Join) -> dict:
+    """Every row's result, the rows a join cut excepted."""
+    if on_token is None and not join.waits_less:
         return {r.key: res for r, res in zip(rows, decode(lm, state, logits, rows))}
     batch = Batch(lm, state, logits, rows)
+    finished: Counter = Counter()  # workers done, by question
+    t0 = time.perf_counter()
     for events in batch.steps():
         for e in events:
-            on_token(*e.key, e.id)
-    return batch.results
+            if on_token is not None:
+                on_token(*e.key, e.id)
+            finished[e.key[0]] += e.finish is not None
+        if join.waits_less:
+            ending = {e.key for e in events if e.finish}  # they leave at the next forward, their K/V complete
+            elapsed = time.perf_counter() - t0
+            cut = [key for key in batch.keys if key not in ending and join.stops(finished[key[0]], elapsed)]
+            if cut:
+                batch.remove(cut)
+    return {key: r for key, r in batch.results.items() if r.finish != "removed"}
 
 
 def _branch(lm: LM, opening: tuple[int, ...], result: Result, role: str | None) -> Branch:

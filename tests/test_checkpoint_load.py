@@ -124,3 +124,26 @@ def test_non_finite_weights_are_never_saved(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="refusing to save non-finite"):
         A.save(trained, lm, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / A.WEIGHTS).exists()
+
+
+def test_a_derived_checkpoint_drops_the_mapper_and_synthesizes_as_the_lora_alone(saved, tokenizer):
+    from dataclasses import replace
+
+    from parsyn.sampling import SamplingParams
+    from parsyn.synthesis import synthesize
+    from parsyn.workers import from_texts
+
+    lm = tiny_lm("llama", tokenizer)
+    whole = A.load(lm, saved)
+    f = from_texts(lm, "Where is the meeting?", ["Room 204.", "On Thursday."])
+    want = synthesize(lm, f, synthesizer=replace(whole, mapper=None), layout="sequential", sampling=SamplingParams(6))
+    derived = A.save(A.derive(whole, mapper=False, layout="sequential"), lm, saved.parent / "derived")
+    again = A.load(lm, derived)
+    assert again.mapper is None and again.layout == "sequential" and again.config.lora
+    sha = json.loads((saved / A.CONFIG).read_text())["sha256"][A.WEIGHTS]
+    assert again.recipe["derived"] == {"from": sha, "mapper": "dropped", "layout": "sequential"}
+    assert set(load_file(derived / A.WEIGHTS)) == {k for k in load_file(saved / A.WEIGHTS) if k.startswith("lora.")}
+    got = synthesize(lm, f, synthesizer=again, sampling=SamplingParams(6))  # its own layout by default
+    assert got.token_ids == want.token_ids and got.layout == "sequential"
+    with pytest.raises(ValueError, match="unknown layout"):
+        A.derive(whole, layout="diagonal")

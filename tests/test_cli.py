@@ -55,6 +55,16 @@ def test_run_both_routes_as_json():
     assert [p["how"] for p in raw["routes"]["cache"]["provenance"]] == ["reused", "reused", "reused", "recomputed"]
 
 
+def test_run_with_a_quorum_synthesizes_the_first_finished_workers():
+    done = parsyn("run", "Which planet is largest?", "--model", "smollm2-135m", "--workers", "3", "--quorum", "1",
+                  "--role", "Answer with one word.", "--role", "Explain in detail, with history.",
+                  "--role", "Describe every planet in turn.", "--max-new-tokens", "40", "--route", "cache", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [b["role"] for b in report["branches"]] == ["Answer with one word."] and report["cut"] == [1, 2]
+    assert [p["how"] for p in report["routes"]["cache"]["provenance"]] == ["reused", "mapped", "recomputed"]
+
+
 def test_run_given_branches_with_display():
     done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter.",
                   "--branch", "Jupiter is the largest planet.",
@@ -86,6 +96,9 @@ def gpt2_folder(tmp_path_factory, tokenizer):
         (["run", "Why?", "--temperature", "nan"], "temperature must be a finite number"),
         (["run", "Why?", "--seed", str(2**63)], "seed must be in [0, 2**63)"),
         (["run", "Why?", "--adapter", "no/such/checkpoint"], "not a parsyn checkpoint"),
+        (["run", "Why?", "--workers", "2", "--quorum", "3"], "a quorum of 3 needs at least 3 workers"),
+        (["run", "Why?", "--deadline", "0"], "deadline must be a positive"),
+        (["run", "Why?", "--branch", "Yes.", "--quorum", "1"], "do not apply to --branch"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, gpt2_folder, capsys, monkeypatch):
@@ -136,6 +149,9 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["calibrate", "no/such/folder"], "no finished evaluation items"),
         (["run", "Why?", "--route", "auto"], "--route auto needs --gate FILE"),
         (["run", "Why?", "--gate", "g.json"], "--gate applies to --route auto only"),
+        (["derive", "ckpt", "ckpt"], "another folder than its source"),
+        (["derive", "no/such/ckpt", "out", "--model", "smollm2-135m"], "not a parsyn checkpoint"),
+        (["agent", "Why?", "--synth-tool-turns", "-1"], "tool turns >= 0"),
     ],
 )
 def test_program_commands_refuse_bad_input_in_one_line(args, message, capsys, monkeypatch):

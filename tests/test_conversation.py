@@ -79,3 +79,26 @@ def test_turns_are_asked_in_order(tokenizer):
         chat.ask("  ")
     with pytest.raises(ValueError, match="stop strings"):
         Conversation(lm, from_texts(lm, QUESTION, NOTES), sampling=SamplingParams(2, stop=("x",)))
+
+
+@pytest.mark.slow
+def test_the_synthesizer_calls_a_tool_of_the_fork_and_answers_from_its_result(qwen):
+    from parsyn.agents import run_agents
+    from parsyn.tools import Toolbox, calculator_tool
+
+    box = Toolbox([calculator_tool()])
+    question = "What is 1234 times 5678?"
+    run = run_agents(qwen, question, box, workers=2, max_turns=0, sampling=SamplingParams(24))  # no calls run
+    chat = Conversation(qwen, run.fork, route="cache", tools=box, sampling=SamplingParams(64),
+                        instruction="The answers above may be wrong. Check the product with the calculator "
+                                    "tool, then answer: {question}")
+    s = chat.ask()
+    turn, *_ = chat.tool_turns[-1]  # (it may check again: up to max_tool_turns)
+    assert turn.calls[0].name == "calculator" and turn.results[0].text == "7006652"
+    assert "7006652" in s.answer.replace(",", "") and "<tool_call>" not in s.answer
+    none = Conversation(qwen, run.fork, route="cache", tools=box, max_tool_turns=0, sampling=SamplingParams(64),
+                        instruction=chat.instruction)
+    none.ask()
+    assert all(not t.results for t in none.tool_turns[-1])  # a call it writes is not run
+    with pytest.raises(ValueError, match="tools must be the ones the fork's prefix offers"):
+        Conversation(qwen, from_texts(qwen, question, ["7006652"]), tools=box)

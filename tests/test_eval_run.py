@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import DynamicCache
 
 from parsyn.eval import tasks as T
 from parsyn.eval.bench import random_lm, sweep
-from parsyn.eval.run import BUDGETS, EvalConfig, _vote, final_answer, read_predictions, run
+from parsyn.eval.run import BUDGETS, TRAINED, EvalConfig, _vote, final_answer, read_predictions, run
 from parsyn.eval.tasks import load
 from parsyn.sampling import SamplingParams
 from parsyn.synthesis import CacheOptions, prepare, synthesize
@@ -29,7 +30,7 @@ def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
     rows = read_predictions(tmp_path / "predictions.jsonl")
     item_of = {i.id: i for t in config.tasks for i in load(t, limit=2, seed=0, parts=2)}
     assert len(rows) == 4 and {r["task"] for r in rows} == {"gsm8k", "squad_split"}
-    methods = set(config.methods) - {"cache-trained"}  # no adapter fits a tiny random model
+    methods = set(config.methods) - set(TRAINED)  # no adapter fits a tiny random model
     for r in rows:
         item = item_of[r["id"]]
         assert set(r["methods"]) == methods and len(r["branches"]) == 2 and r["methods"]["single"]["agrees"] is None
@@ -75,7 +76,11 @@ def test_bad_settings_are_refused(tmp_path, tokenizer):
     lm = tiny_lm("llama", tokenizer)
     run(lm, EvalConfig(tasks=("boolq",), methods=("text",), **SMALL), tmp_path)
     with pytest.raises(ValueError, match="other settings"):
-        run(lm, EvalConfig(tasks=("boolq",), methods=("text", "ape"), **SMALL), tmp_path)
+        run(lm, EvalConfig(tasks=("boolq",), methods=("text",), **{**SMALL, "seed": 1}), tmp_path)
+    # a rerun may add a method: it runs on the same branches, and the record lists both
+    added = run(lm, EvalConfig(tasks=("boolq",), methods=("text", "ape"), **SMALL), tmp_path)
+    assert {r["method"] for r in added["rows"]} == {"text", "ape"}
+    assert json.loads((tmp_path / "config.json").read_text())["methods"] == ["text", "ape"]
     (tmp_path / "predictions.jsonl").write_text('{"id": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 1"):
         read_predictions(tmp_path / "predictions.jsonl")
@@ -116,6 +121,20 @@ def test_ttft_sweep_reports_every_cell(tokenizer):
         # each branch holds the asked-for text plus its turn's opening and end
         assert (len(c["branch_tokens"]) == c["branches"]
                 and all(c["length"] < n < c["length"] + 16 for n in c["branch_tokens"]))
+        assert 0 < c["bare_prompt_s"] and "trained_ttft_s" not in c
+
+
+def test_a_ttft_cell_times_the_trained_route_beside_the_raw_one(tokenizer):
+    from parsyn import adapter as A
+    from parsyn.eval.bench import ttft_cell
+    from parsyn.mapper import MapperConfig
+
+    lm = tiny_lm("qwen2", tokenizer)
+    trained = random_synthesizer(lm, A.AdapterConfig(rank=2, alpha=4, mapper=MapperConfig(kind="tagged")), std=0.5)
+    c = ttft_cell(lm, 2, 24, repeats=1, synthesizer=trained)
+    assert c["trained_ttft_s"] > 0 and c["trained_speedup"] == c["text_ttft_s"] / c["trained_ttft_s"]
+    assert c["trained_overhead_vs_raw"] == (c["trained_ttft_s"] - c["cache_ttft_s"]) / c["cache_ttft_s"]
+    A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -188,17 +207,20 @@ def test_methods_decoded_together_answer_as_each_alone(tokenizer):
     f = from_texts(lm, "What is 12 times 3?", ["It is 36.", "Twelve threes make thirty-six, so 36.", "36"])
     sampling = SamplingParams(10, 0.0)
     other = from_texts(lm, "What is 12 times 4?", ["48", "It is 48."])  # a second item in the same batch
-    methods = [*CACHE_METHODS, "cache-trained"]
+    methods = [*CACHE_METHODS, *TRAINED]
     together = _syntheses(lm, [((j, m), g) for j, g in enumerate((f, other)) for m in methods], sampling, trained)
     assert [k for k in together] == [(j, m) for j in (0, 1) for m in methods]
     assert all(together[1, m]["answer"] == synthesize(lm, other, sampling=sampling, **CACHE_METHODS[m]).answer
                for m in CACHE_METHODS)
     joint = {m: together[0, m] for m in methods}
     for method, got in joint.items():
-        route = dict(route="cache", synthesizer=trained) if method == "cache-trained" else CACHE_METHODS[method]
+        keep, layout = TRAINED.get(method, (True, None))
+        route = (dict(route="cache", synthesizer=trained if keep else replace(trained, mapper=None), layout=layout)
+                 if method in TRAINED else CACHE_METHODS[method])
         alone = synthesize(lm, f, sampling=sampling, **route)
         assert got["answer"] == alone.answer, method
         assert got["prefill_tokens"] == alone.prefill_tokens and 0 < got["ttft_s"] <= got["latency_s"]
         assert [i for i, _ in got["first_top"]] == [i for i, _ in alone.first_top]
     assert joint["cache-trained"]["answer"] != joint["cache-parallel"]["answer"]  # the adapter did apply
+    assert joint["cache-lora"]["first_top"] != joint["cache-trained"]["first_top"]  # and the mapper was off
     A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))

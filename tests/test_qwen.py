@@ -38,6 +38,9 @@ def test_the_packaged_synthesizer_fits_the_default_model_only(qwen, default_lm):
 
     trained = resolve(qwen, "auto")
     assert trained is not None and trained.recipe["train"]["steps"] == 800
+    # derived from the trained checkpoint: its LoRA alone, in the sequential layout (README, Evaluation)
+    assert trained.mapper is None and trained.layout == "sequential"
+    assert trained.recipe["derived"]["mapper"] == "dropped"
     folder = Path(parsyn.__file__).parent / "checkpoints" / "qwen2.5-coder-0.5b-instruct"
     with pytest.raises(ValueError, match="Qwen2.5-Coder-0.5B-Instruct") as refused:
         load(default_lm, folder)

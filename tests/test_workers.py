@@ -62,6 +62,34 @@ def test_batched_workers_answer_like_workers_run_one_by_one(default_lm):
     assert [b.token_ids for b in batched.branches] == [b.token_ids for b in alone.branches]
 
 
+@pytest.mark.parametrize("join", [dict(quorum=1), dict(quorum=2), dict(deadline_s=1e-9)])
+def test_a_quorum_or_deadline_join_keeps_the_first_finished_branches_exactly(tokenizer, join):
+    lm = tiny_lm("llama", tokenizer)
+    sampling = SamplingParams(max_new_tokens=30, temperature=1.0, seed=2, stop=("a",))  # random text stops soon
+    full = fork(lm, QUESTION, workers=3, roles=ROLES, sampling=sampling)
+    lengths = [b.generated for b in full.branches]
+    assert len(set(lengths)) == 3 and lengths != sorted(lengths)  # they finish at different steps, not in order
+    keep = sorted(lengths)[: join.get("quorum", 1)]
+    early = fork(lm, QUESTION, workers=3, roles=ROLES, sampling=sampling, **join)
+    kept = [i for i, n in enumerate(lengths) if n in keep]
+    assert [b.token_ids for b in early.branches] == [full.branches[i].token_ids for i in kept]
+    assert early.cut == tuple(i for i in range(3) if i not in kept) and full.cut == ()
+    assert [b.role for b in early.branches] == [ROLES[i] for i in kept]
+    assert_branches_match_fresh_prefill(lm, early, atol=1e-4)
+    # per question: a second question's workers are cut on their own count
+    both = fork_many(lm, [QUESTION, QUESTION], roles=ROLES, sampling=sampling, **join)
+    assert [[b.token_ids for b in f.branches] for f in both] == [[b.token_ids for b in early.branches]] * 2
+
+
+@pytest.mark.parametrize("join, message", [(dict(quorum=4), "quorum of 4 needs at least 4 workers"),
+                                           (dict(quorum=0), "quorum must be a positive"),
+                                           (dict(deadline_s=-1), "deadline must be a positive"),
+                                           (dict(quorum=1, batched=False), "needs the workers batched")])
+def test_a_join_that_cannot_be_kept_is_refused(tokenizer, join, message):
+    with pytest.raises(ValueError, match=message):
+        fork(tiny_lm("llama", tokenizer), QUESTION, workers=3, **join)
+
+
 def test_sampling_is_seeded(tokenizer):
     lm = tiny_lm("qwen3", tokenizer)
     run = lambda seed: [b.token_ids

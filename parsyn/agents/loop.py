@@ -40,9 +40,11 @@ from ..workers import Branch, Fork, Forking
 AGENT_SAMPLING = SamplingParams(max_new_tokens=256, temperature=0.0)
 HANDOVERS = ("final", "trajectory")
 HINTS = ("always", "last", "never")
-# The synthesizer reads branches made over a prefix that offers tools; it answers from them (its own tool
-# calls are not run yet).
+# The synthesizer reads branches made over a prefix that offers tools; it answers from them, or (given the
+# tools, `Conversation(..., tools=...)`) may check what they say with a call of its own first.
 AGENT_INSTRUCTION = "Using the answers above, answer the question in words, without calling a tool: {question}"
+TOOL_INSTRUCTION = ("Using the answers above, answer the question in words; where they disagree or miss "
+                    "something, you may call a tool first: {question}")
 # Follows tool results (see `run_agents`' hint): without it, small models (Qwen2.5-Coder-0.5B) go on calling
 # tools on a result instead of answering; softer wordings ("if it answers the question...") did not stop them.
 ANSWER_HINT = "\n(This is the tool's result. Now answer the question in words; do not call a tool again.)"
@@ -248,7 +250,7 @@ def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, hint: str,
     """Close the turn a row just finished. Returns the job that gives its tool results (run it, then
     extend the row), or None when the agent is done. An agent past its turn limit gets one last turn,
     told to answer without tools; past that, or out of tokens, its calls are not run."""
-    a.text = _turn_text(lm, a.ids[a.turn_at :])
+    a.text = turn_text(lm, a.ids[a.turn_at :])
     calls = parse_calls(a.text) if e.finish == "stop" else []
     if not calls:
         _close(a, on_turn, e.key)
@@ -256,8 +258,8 @@ def _end_turn(lm: LM, a: _Agent, e, max_turns: int, budget: int, hint: str,
     a.calls = calls
     if a.stopped == "answer" and len(a.turns) < max_turns and a.generated < budget - 1:
         a.hint = (hint == "always" or len(a.turns) + 1 >= max_turns
-                  or any(_call_key(c) in a.seen for c in calls)) and hint != "never"
-        return partial(_run, a.tools, calls, dict(a.seen))
+                  or any(call_key(c) in a.seen for c in calls)) and hint != "never"
+        return partial(run_calls, a.tools, calls, dict(a.seen))
     if a.stopped == "answer" and a.generated < budget - 1:
         a.stopped = "max_turns"
         refusal = (f"error: not run: the agent reached its limit of {max_turns} tool turns; "
@@ -274,7 +276,7 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
     results, seconds = outcome
     a.tool_s += seconds
     for c, r in zip(a.calls, results):
-        a.seen.setdefault(_call_key(c), r.text)
+        a.seen.setdefault(call_key(c), r.text)
     _close(a, on_turn, key, a.calls, results)
     texts = [r.text for r in results]
     if a.hint:
@@ -286,15 +288,15 @@ def _tool_turn(fmt: ChatFormat, a: _Agent, outcome, question, system, on_turn, k
     return ids
 
 
-def _run(tools: Toolbox, calls: list[Call], seen: dict[str, str]) -> tuple[tuple[ToolResult, ...], float]:
+def run_calls(tools: Toolbox, calls: list[Call], seen: dict[str, str]) -> tuple[tuple[ToolResult, ...], float]:
     """Run the calls in order; one that repeats an earlier call of this agent gets that result again."""
     t0 = time.perf_counter()
     results = []
     for c in calls:
         if c.error:
             results.append(ToolResult(c.error, False, 0.0))
-        elif _call_key(c) in seen:
-            results.append(ToolResult(seen[_call_key(c)], True, 0.0))
+        elif call_key(c) in seen:
+            results.append(ToolResult(seen[call_key(c)], True, 0.0))
         else:
             results.append(tools.call(c.name, c.arguments))
     return tuple(results), time.perf_counter() - t0
@@ -304,11 +306,11 @@ def _refuse(calls: list[Call], text: str) -> tuple[tuple[ToolResult, ...], float
     return tuple(ToolResult(text, False, 0.0) for _ in calls), 0.0
 
 
-def _call_key(c: Call) -> str:
+def call_key(c: Call) -> str:
     return json.dumps([c.name, c.arguments], sort_keys=True, ensure_ascii=False)
 
 
-def _turn_text(lm: LM, ids: list[int]) -> str:
+def turn_text(lm: LM, ids: Sequence[int]) -> str:
     """A turn's text with the tool-call tags (added tokens that skip_special_tokens would drop), without
     its end-of-turn token."""
     stops = set(lm.stop_ids)

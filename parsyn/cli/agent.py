@@ -55,6 +55,8 @@ def agent(
     route: Annotated[Route, typer.Option(help="Synthesis route (auto is not offered for agents yet).")] = Route.both,
     layout: Annotated[Optional[Layout], typer.Option(help="Position layout of the cache route.")] = None,
     max_turns: Annotated[int, typer.Option(help="Tool turns each agent may take.")] = 4,
+    synth_tool_turns: Annotated[int, typer.Option(
+        help="Tool turns the synthesizer may take itself (0: it answers from the branches alone).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens each agent samples over all its turns.")] = 256,
     answer_tokens: Annotated[int, typer.Option(help="Token limit of the synthesized answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="Agents' sampling temperature (0: greedy).")] = 0.0,
@@ -66,13 +68,14 @@ def agent(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object, with every turn.")] = False,
 ) -> None:
     """Run tool-using agents on QUESTION, then synthesize their branches."""
-    from ..agents import AGENT_INSTRUCTION, run_agents
+    from ..agents import run_agents
     from ..sampling import SamplingParams
 
     if not question.strip():
         raise ValueError("the question is empty")
-    if workers < 1 or max_turns < 0:
-        raise ValueError(f"need at least one worker and max_turns >= 0, got {workers} and {max_turns}")
+    if workers < 1 or max_turns < 0 or synth_tool_turns < 0:
+        raise ValueError(f"need at least one worker and tool turns >= 0, got {workers} workers, --max-turns "
+                         f"{max_turns} and --synth-tool-turns {synth_tool_turns}")
     if route == Route.auto:
         raise ValueError("--route auto is not offered for agents yet; choose text, cache or both")
     box = toolbox(tools, db, docs)
@@ -84,15 +87,39 @@ def agent(
     on_turn = None if as_json else _turn_view()
     run = run_agents(lm, question, box, workers=workers, roles=role or [], system=system, sampling=sampling,
                      max_turns=max_turns, handover=handover.value, on_turn=on_turn)
-    results, _ = _synthesize(lm, run.fork, route, layout.value if layout else None, None,
-                             SamplingParams(answer_tokens, 0.0, 1.0, seed), trained, AGENT_INSTRUCTION)
+    results, calls = _synthesize_with_tools(lm, run.fork, route, layout.value if layout else None,
+                                            SamplingParams(answer_tokens, 0.0, 1.0, seed), trained, box,
+                                            synth_tool_turns)
     if as_json:
         report = _as_dict(run.fork, results, lm.name)
         report["handover"] = run.handover
         report["agents"] = [_trajectory(t) for t in run.trajectories]
+        report["synthesizer_turns"] = {r: [_turn(t) for t in turns] for r, turns in calls.items()}
         print(json.dumps(report, indent=2))
     else:
+        for r, turns in calls.items():
+            for i, t in enumerate(turns, 1):
+                err.print(_turn_panel(t, f"synthesizer ({r}) · tool turn {i}"))
         _show(run.fork, results, trained=trained is not None)
+
+
+def _synthesize_with_tools(lm, f, route, layout, sampling, trained, box, turns) -> tuple[dict, dict]:
+    """{route: Synthesis} and {route: the synthesizer's own tool turns}: with `turns` > 0 it may call the
+    agents' tools itself; with none it answers from the branches (and has no tool turns)."""
+    from ..agents.loop import AGENT_INSTRUCTION, TOOL_INSTRUCTION
+    from ..conversation import Conversation
+
+    if not turns:
+        return _synthesize(lm, f, route, layout, None, sampling, trained, AGENT_INSTRUCTION)[0], {}
+
+    results, calls = {}, {}
+    for r in ["text", "cache"] if route == Route.both else [route.value]:
+        cache = r == "cache"
+        chat = Conversation(lm, f, route=r, layout=layout if cache else None, synthesizer=trained if cache else None,
+                            tools=box, max_tool_turns=turns, sampling=sampling, instruction=TOOL_INSTRUCTION)
+        results[r] = chat.ask()
+        calls[r] = chat.tool_turns[-1]
+    return results, calls
 
 
 def _turn_view():
@@ -102,15 +129,19 @@ def _turn_view():
 
     def show(worker: int, turn) -> None:
         counts[worker] = counts.get(worker, 0) + 1
-        body = [escape(turn.text.strip() or "(empty)")]
-        for call, result in zip(turn.calls, turn.results):
-            shown = result.text if len(result.text) <= 400 else result.text[:400] + f" … ({len(result.text)} chars)"
-            body.append(f"[bold]→ {escape(call.name or '?')}[/bold] [dim]{escape(_args(call.arguments))}[/dim]\n"
-                        f"[{'green' if result.ok else 'red'}]{escape(shown)}[/]")
-        title = f"agent {worker + 1} · turn {counts[worker]}"
-        err.print(Panel("\n".join(body), title=title, title_align="left", border_style="dim"))
+        err.print(_turn_panel(turn, f"agent {worker + 1} · turn {counts[worker]}"))
 
     return show
+
+
+def _turn_panel(turn, title: str) -> Panel:
+    """A turn's text, then each call with its result (cut for the screen)."""
+    body = [escape(turn.text.strip() or "(empty)")]
+    for call, result in zip(turn.calls, turn.results):
+        shown = result.text if len(result.text) <= 400 else result.text[:400] + f" … ({len(result.text)} chars)"
+        body.append(f"[bold]→ {escape(call.name or '?')}[/bold] [dim]{escape(_args(call.arguments))}[/dim]\n"
+                    f"[{'green' if result.ok else 'red'}]{escape(shown)}[/]")
+    return Panel("\n".join(body), title=title, title_align="left", border_style="dim")
 
 
 def _args(arguments) -> str:
@@ -119,6 +150,9 @@ def _args(arguments) -> str:
 
 def _trajectory(t) -> dict:
     return {"role": t.role, "stopped": t.stopped, "generated": t.generated, "tool_s": t.tool_s, "answer": t.answer,
-            "turns": [{"text": turn.text, "calls": [asdict(c) for c in turn.calls],
-                       "results": [asdict(r) for r in turn.results]} for turn in t.turns]}
+            "turns": [_turn(turn) for turn in t.turns]}
+
+
+def _turn(turn) -> dict:
+    return {"text": turn.text, "calls": [asdict(c) for c in turn.calls], "results": [asdict(r) for r in turn.results]}
 

@@ -179,6 +179,9 @@ def calibrate(
     max_regress: Annotated[float, typer.Option(
         help="Regression budget: the largest share of items where text is right and auto is wrong.")] = 0.02,
     out: Annotated[Optional[Path], typer.Option(help="Gate file to write (default RESULTS/gate.json).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="The cache method the gate guards (default: cache-trained where the items have it, else "
+             "cache-parallel).")] = None,
 ) -> None:
     """Calibrate route=auto on an evaluation's items for a regression budget; plot the trade-off."""
     from ..auto import check_budget
@@ -191,8 +194,12 @@ def calibrate(
     rows = read_predictions(results / "predictions.jsonl") if (results / "predictions.jsonl").is_file() else []
     if not rows:
         raise ValueError(f"no finished evaluation items in {results / 'predictions.jsonl'}")
-    trained = any("cache-trained" in r["methods"] for r in rows)
-    cache = "cache-trained" if trained else "cache-parallel"
+    from ..eval.run import TRAINED
+
+    cache = method or ("cache-trained" if any("cache-trained" in r["methods"] for r in rows) else "cache-parallel")
+    if cache not in G.FIXED or cache == "text" or not any(cache in r["methods"] for r in rows):
+        raise ValueError(f"--method {cache} is no cache method these items hold")
+    trained = cache in TRAINED
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
     gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model)

@@ -20,6 +20,10 @@ from .common import MODEL_HELP, Layout, Route, app, err, load_model, out
 def run(
     question: Annotated[str, typer.Argument(help="The question every worker answers.")],
     workers: Annotated[int, typer.Option("--workers", "-n", help="Number of parallel workers.")] = 3,
+    quorum: Annotated[Optional[int], typer.Option(
+        help="Synthesize once this many workers have finished; the others are cut.")] = None,
+    deadline: Annotated[Optional[float], typer.Option(
+        help="Seconds of worker decoding after which the finished workers are synthesized and the rest cut.")] = None,
     role: Annotated[Optional[list[str]], typer.Option("--role", help="A role instruction per worker (repeat).")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(
         "--branch", help="A ready branch text instead of running workers (repeat).")] = None,
@@ -46,10 +50,7 @@ def run(
 
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
     synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
-    if not question.strip():  # cheap checks before the model loads
-        raise ValueError("the question is empty")
-    if not branch and workers < 1:
-        raise ValueError(f"need at least one worker, got {workers}")
+    _check_request(question, bool(branch), workers, quorum, deadline)  # cheap checks before the model loads
     chosen_gate = _gate(route, gate)
     lm = load_model(model)
     from ..adapter import resolve
@@ -61,18 +62,35 @@ def run(
     else:
         with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
             f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling,
-                     on_token=on_token)
+                     on_token=on_token, quorum=quorum, deadline_s=deadline)
+        if f.cut and not as_json:
+            err.print(f"join: synthesizing {len(f.branches)} of {workers} workers; cut worker(s) "
+                      f"{', '.join(str(i + 1) for i in f.cut)}")
     results, decision = _synthesize(lm, f, route, layout.value if layout else None, chosen_gate, synth_sampling,
                                     trained)
     if decision is not None and not as_json:
         err.print(f"auto: risk {decision['risk']:.3f} ({decision['signal']}) → {decision['choice']}")
     if as_json:
-        report = _as_dict(f, results, lm.name)
-        report["auto"] = decision
-        report["adapter"] = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**_as_dict(f, results, lm.name), "auto": decision,
+                          "adapter": None if trained is None else adapter if adapter != "auto" else "auto (packaged)"},
+                         indent=2))
     else:
         _show(f, results, trained=trained is not None)
+
+
+def _check_request(question: str, given: bool, workers: int, quorum: int | None, deadline: float | None) -> None:
+    """The question, the workers and the join (--quorum, --deadline), checked before the model loads."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    if not given and workers < 1:
+        raise ValueError(f"need at least one worker, got {workers}")
+    if given and (quorum is not None or deadline is not None):
+        raise ValueError("--quorum and --deadline join running workers; they do not apply to --branch")
+    from ..workers import Join
+
+    Join(quorum, deadline)
+    if quorum is not None and quorum > workers:
+        raise ValueError(f"a quorum of {quorum} needs at least {quorum} workers, got --workers {workers}")
 
 
 def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None) -> tuple[dict, dict | None]:
@@ -112,6 +130,7 @@ def _as_dict(f, results, model_name: str) -> dict:
             {"role": b.role, "text": b.text, "tokens": len(b.token_ids), "generated": b.generated}
             for b in f.branches
         ],
+        "cut": list(f.cut),
         "routes": {
             name: {
                 "answer": s.answer, "layout": s.layout, "ttft_s": s.ttft_s, "total_s": s.total_s,

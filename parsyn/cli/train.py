@@ -84,6 +84,25 @@ def train(
 
 
 @app.command()
+def derive(
+    checkpoint: Annotated[Path, typer.Argument(help="A synthesizer checkpoint folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the derived checkpoint to.")],
+    mapper: Annotated[bool, typer.Option("--mapper/--no-mapper", help="Keep the cache mapper.")] = True,
+    layout: Annotated[Optional[str], typer.Option(help="Default layout at synthesis (parallel, sequential).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
+) -> None:
+    """Write a checkpoint of the same trained parts without the mapper and/or with another default layout."""
+    from ..adapter import derive as derived
+    from ..adapter import load, save
+
+    if out.resolve() == checkpoint.resolve():
+        raise ValueError("write the derived checkpoint to another folder than its source")
+    lm = load_model(model)
+    path = save(derived(load(lm, checkpoint), mapper=mapper, layout=layout), lm, out)
+    err.print(f"checkpoint: {path}")
+
+
+@app.command()
 def fidelity(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint folder, `auto` (the packaged one) or `none`.")],
     data_file: Annotated[Path, typer.Option("--data", help="items.jsonl whose held-out items are scored.")],

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..adapter import Synthesizer
 from ..compose import compose
+from ..forward import prefill_rows
 from ..model import LM, wrap
 from ..model import tokenizer as named_tokenizer
 from ..rope import rope_of
@@ -42,26 +44,41 @@ def branch_text(lm: LM, tokens: int) -> str:
     return lm.tokenizer.decode(ids)
 
 
-def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: str = "parallel") -> dict:
-    """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor:
-    prefilling only the synthesizer's prompt over an already composed cache."""
+def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: str = "parallel",
+              synthesizer: Synthesizer | None = None) -> dict:
+    """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor
+    (prefilling only the synthesizer's prompt over an already composed cache) and the same prompt's prefill
+    with no context at all (`bare`: floor - bare is what attention over the composed cache costs). With a
+    `synthesizer`, also the trained cache route (in the layout it was trained for: the default route) and
+    its overhead above the raw route."""
     f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
     prompt_ids = prompt_tokens(lm, f)
     composed = compose(f.prefix, [b.kv for b in f.branches], rope_of(lm.model), layout=layout)
 
-    def floor() -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            prefill_over(lm, composed, prompt_ids).logits.argmax(-1).tolist()  # .tolist() waits for a GPU
-        return time.perf_counter() - t0
+    def timed(work: Callable[[], torch.Tensor]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                work().argmax(-1).tolist()  # .tolist() waits for a GPU
+            return time.perf_counter() - t0
+        return run
 
     timers = {
         "text": lambda: synthesize(lm, f, route="text", sampling=FIRST_TOKEN).ttft_s,
         "cache": lambda: synthesize(lm, f, route="cache", layout=layout, sampling=FIRST_TOKEN).ttft_s,
-        "floor": floor,
+        "floor": timed(lambda: prefill_over(lm, composed, prompt_ids).logits),
+        "bare": timed(lambda: prefill_rows(lm, [list(prompt_ids)])[1]),
     }
+    if synthesizer is not None:
+        timers["trained"] = lambda: synthesize(lm, f, route="cache", synthesizer=synthesizer,  # its own layout
+                                               sampling=FIRST_TOKEN).ttft_s
     times = round_robin(timers, repeats)
-    text, cache, low = (statistics.median(times[k]) for k in ("text", "cache", "floor"))
+    text, cache, low, bare = (statistics.median(times[k]) for k in ("text", "cache", "floor", "bare"))
+    trained = {}
+    if synthesizer is not None:
+        t = statistics.median(times["trained"])
+        trained = {"trained_layout": synthesizer.layout, "trained_ttft_s": t, "trained_speedup": text / t,
+                   "trained_overhead_vs_raw": (t - cache) / cache}
     return {
         "branches": branches,
         "length": length,
@@ -72,9 +89,11 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "text_ttft_s": text,
         "cache_ttft_s": cache,
         "floor_s": low,
+        "bare_prompt_s": bare,
         "speedup": text / cache,
         "overhead": (cache - low) / low,
         "overhead_share_of_cache_ttft": (cache - low) / cache,
+        **trained,
         "repeats": repeats,
     }
 

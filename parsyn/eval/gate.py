@@ -22,8 +22,8 @@ from ..auto import SIGNALS, Gate, check_budget, risk
 RECOMPUTE = "cache-recompute"
 BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 CUTS = 40  # thresholds tried per signal: the risks' 40-quantiles
-FIXED = ("text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute", "cacheblend", "ape",
-         "relay")
+FIXED = ("text", "cache-parallel", "cache-sequential", "cache-trained", "cache-lora", "cache-lora-seq",
+         "cache-recompute", "cacheblend", "ape", "relay")
 
 
 def half(item_id: str) -> int:

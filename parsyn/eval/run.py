@@ -6,7 +6,9 @@ Methods:
   time to first token beyond the workers');
 - `text`: text synthesis, the baseline (all branch texts prefilled again);
 - `cache-parallel`, `cache-sequential`: raw cache routes;
-- `cache-trained`: the cache route with the trained synthesizer (when one fits the model);
+- `cache-trained`: the cache route with the trained synthesizer (when one fits the model), in its layout;
+- `cache-lora`, `cache-lora-seq`: the same synthesizer's LoRA alone, its mapper switched off (parallel,
+  sequential layout) — the ablation the fidelity check runs, on the evaluation's items;
 - `cacheblend`: CacheBlend-style selective recompute of the ~15% most deviating branch tokens;
 - `ape`: APE-style training-free attention temperature and scale on branch spans (parallel layout);
 - `cache-recompute`: the cache route with the first 8 tokens of every branch recomputed (parallel);
@@ -26,6 +28,7 @@ and timings; a killed run resumes after its last complete line, counting nothing
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -47,7 +50,9 @@ from . import tasks as T
 from .bench import environment
 
 METHODS = ("single", "vote", "text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute",
-           "cacheblend", "ape", "relay")
+           "cacheblend", "ape", "relay", "cache-lora", "cache-lora-seq")
+# methods that need the trained synthesizer: (its mapper kept, layout; None: the layout it was trained for)
+TRAINED = {"cache-trained": (True, None), "cache-lora": (False, "parallel"), "cache-lora-seq": (False, "sequential")}
 # (worker tokens, answer tokens) by task kind: room to reason where the task needs it, short answers elsewhere
 BUDGETS = {"choice": (64, 12), "yesno": (48, 8), "span": (48, 16), "number": (192, 32), "math": (224, 48),
            "code": (256, 256)}
@@ -98,8 +103,8 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json). Items are
     taken in turn from each task, so a run stopped early has about as many items of every task."""
     out = Path(out)
-    trained = resolve(lm, config.adapter) if "cache-trained" in config.methods else None  # refusals come first,
-    methods = [m for m in config.methods if m != "cache-trained" or trained is not None]  # before any file
+    trained = resolve(lm, config.adapter) if TRAINED.keys() & set(config.methods) else None  # refusals come first,
+    methods = [m for m in config.methods if m not in TRAINED or trained is not None]  # before any file
     per_task = [T.load(task, limit=config.limit, seed=config.seed, parts=config.workers) for task in config.tasks]
     items = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
     _check_config(out / "config.json", config)
@@ -143,8 +148,7 @@ def evaluate_items(lm: LM, items: Sequence[T.Item], config: EvalConfig, methods:
     questions, roles, samplings = [], [], []
     for item in items:
         questions += [item.question] * (1 + alone)
-        roles += [[f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
-                  if item.evidence else [ROLES[i % len(ROLES)] for i in range(config.workers)], [None]][: 1 + alone]
+        roles += [worker_roles(item, config.workers), [None]][: 1 + alone]
         samplings += [SamplingParams(worker_tokens, config.temperature, 0.95, config.seed),
                       SamplingParams(worker_tokens, 0.0)][: 1 + alone]
     times: dict[int, list[float]] = {}
@@ -161,6 +165,13 @@ def evaluate_items(lm: LM, items: Sequence[T.Item], config: EvalConfig, methods:
              "branches": [{"role": b.role, "text": b.text, "tokens": len(b.token_ids), "token_ids": list(b.token_ids)}
                           for b in f.branches],
              "workers_s": workers_s, "methods": got} for item, f, got in zip(items, forks[::step], results)]
+
+
+def worker_roles(item: T.Item, workers: int) -> list[str]:
+    """The workers' instructions: one evidence part each where the item splits its evidence, else roles."""
+    if item.evidence:
+        return [f"Evidence: {part}\nAnswer the question using this evidence." for part in item.evidence]
+    return [ROLES[i % len(ROLES)] for i in range(workers)]
 
 
 def complete_items(lm: LM, items: Sequence[T.Item], records: Sequence[dict], config: EvalConfig,
@@ -218,12 +229,13 @@ def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingP
     then decode them all to the end together (one batch per adapter: a forward per step for every row).
     Greedy answers are those of one-by-one decoding up to float rounding; latency counts the joint decode."""
     started = {}
+    variants = _variants(trained)
     for key, f in jobs:
-        route = dict(route="cache", synthesizer=trained) if key[-1] == "cache-trained" else CACHE_METHODS[key[-1]]
+        synthesizer, layout = variants.get(key[-1], (None, None))
+        route = dict(route="cache", synthesizer=synthesizer, layout=layout) if synthesizer else CACHE_METHODS[key[-1]]
         t0 = time.perf_counter()
         ready = prepare(lm, f, max_new_tokens=sampling.max_new_tokens, **route)
-        batch = Batch(lm, ready.state, ready.logits, [Row(key, sampling)],
-                      adapter=trained if key[-1] == "cache-trained" else None)
+        batch = Batch(lm, ready.state, ready.logits, [Row(key, sampling)], adapter=synthesizer)
         first = batch.sample_()[0]
         started[key] = (batch, ready, time.perf_counter() - t0, first.finish)
     latency = {key: ttft for key, (_, _, ttft, finish) in started.items() if finish}
@@ -245,6 +257,14 @@ def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingP
                   "prefill_tokens": ready.prefill_tokens, "provenance": [asdict(p) for p in ready.spans],
                   "first_top": [list(t) for t in top_logprobs(ready.logits[0], FIRST_TOP)]}
             for key, (_, ready, ttft, _) in started.items()}
+
+
+def _variants(trained: Synthesizer | None) -> dict[str, tuple[Synthesizer, str | None]]:
+    """The synthesizer each TRAINED method runs, with its layout (none without a trained synthesizer)."""
+    if trained is None:
+        return {}
+    lora_only = dataclasses.replace(trained, mapper=None)
+    return {m: (trained if keep else lora_only, layout) for m, (keep, layout) in TRAINED.items()}
 
 
 def _single(alone, ttft_s: float, latency_s: float) -> dict:
@@ -303,14 +323,17 @@ def _check_prediction(row: dict) -> None:
 
 
 def _check_config(path: Path, config: EvalConfig) -> None:
+    """Record the settings, or check them against those recorded: all but the methods must be the same (a
+    rerun may add methods; the record lists every method run so far)."""
     budgets = {task: config.budget(task) for task in config.tasks}  # what the code's defaults resolve to
     mine = json.loads(json.dumps({**asdict(config), "budgets": budgets}))
     if path.exists():
-        if read_json(path, "evaluation settings") != mine:
+        have = read_json(path, "evaluation settings")
+        if not isinstance(have, dict) or {**have, "methods": None} != {**mine, "methods": None}:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; "
                              "use the same ones to resume or a new folder")
-    else:
-        write_json(path, mine)
+        mine["methods"] = list(dict.fromkeys([*have.get("methods", []), *mine["methods"]]))
+    write_json(path, mine)
 
 
 def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], lm: LM, command: str) -> dict:
