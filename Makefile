@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/parsyn run "$(QUESTION)" --role "$(NOTE1)" --role "$(NOTE2)" --role "$(NOTE3)" \
-		--route both --layout parallel --max-new-tokens 48
+		--route both --max-new-tokens 48
 
 test: install
 	$(VENV)/bin/ruff check parsyn tests benchmarks examples

@@ -34,8 +34,10 @@ from parsyn.workers import fork
 def item_record(lm, trained, item: T.Item, workers: int, quorum: int, seed: int) -> dict:
     worker_tokens, answer_tokens = BUDGETS[T.task(item.task).kind]
     last: dict[int, float] = {}
+    roles = worker_roles(item, workers)  # an evidence task has a worker per part
+    workers = len(roles)
     t0 = time.perf_counter()
-    f = fork(lm, item.question, workers=workers, roles=worker_roles(item, workers),
+    f = fork(lm, item.question, workers=workers, roles=roles,
              sampling=SamplingParams(worker_tokens, 0.7, 0.95, seed),
              on_token=lambda w, _: last.__setitem__(w, time.perf_counter() - t0))
     full_s = time.perf_counter() - t0

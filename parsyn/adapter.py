@@ -358,6 +358,8 @@ def load(lm: LM, path: Path) -> Synthesizer:
             synthesizer.lora.load_state_dict({k[5:]: v.to(lm.dtype) for k, v in tensors.items() if k[:5] == "lora."})
         if synthesizer.mapper is not None:
             synthesizer.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k[:7] == "mapper."})
+    if synthesizer.lora is not None:
+        synthesizer.lora.merge()  # a loaded synthesizer is for synthesis: its first one pays no set-up
     return synthesizer
 
 

@@ -53,6 +53,10 @@ class PackedLinear(nn.Linear):
             self._pack_version = version
         return self._pack
 
+    def prepack(self) -> None:
+        """Pack the weight now rather than at the first forward."""
+        self._packed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)

@@ -116,6 +116,14 @@ class LoRA:
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
+    def merge(self) -> None:
+        """Build every layer's merged copy now (and its packed CPU form), so that the first synthesis does
+        not pay for it; a later change of the weights rebuilds a copy at its next use."""
+        for layer in self.layers.values():
+            merged = layer._merged()
+            if hasattr(merged, "prepack"):
+                merged.prepack()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors by PEFT's names: `<module path>.lora_A.weight` and `.lora_B.weight`."""
         out = {}

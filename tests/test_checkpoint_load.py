@@ -140,6 +140,7 @@ def test_a_derived_checkpoint_drops_the_mapper_and_synthesizes_as_the_lora_alone
     derived = A.save(A.derive(whole, mapper=False, layout="sequential"), lm, saved.parent / "derived")
     again = A.load(lm, derived)
     assert again.mapper is None and again.layout == "sequential" and again.config.lora
+    assert all(layer._merge for layer in again.lora.layers.values())  # merged at load, not at the first synthesis
     sha = json.loads((saved / A.CONFIG).read_text())["sha256"][A.WEIGHTS]
     assert again.recipe["derived"] == {"from": sha, "mapper": "dropped", "layout": "sequential"}
     assert set(load_file(derived / A.WEIGHTS)) == {k for k in load_file(saved / A.WEIGHTS) if k.startswith("lora.")}
