@@ -84,9 +84,12 @@ class Conversation:
             texts = [r.text for r in results[:-1]] + [results[-1].text + ANSWER_HINT]
             self._extend(self.fmt.ids(self.fmt.tool_results(self.fork.question, self.fork.system, texts)),
                          sampling.max_new_tokens - len(tokens))
-        answer = Trajectory(None, tuple(calls), "answer", len(tokens), 0.0).answer if self.tools is not None else (
-            self.lm.tokenizer.decode([t for t in tokens if t not in set(self.lm.stop_ids)],
-                                     skip_special_tokens=True).strip())
+        stops = set(self.lm.stop_ids)
+        said = self.lm.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True).strip()
+        # with tools, the answer is an agent's (calls cut out; a turn that only calls answers with what the
+        # tools gave); a turn with neither words nor a tool result answers with what it said
+        answer = (Trajectory(None, tuple(calls), "answer", len(tokens), 0.0).answer if self.tools is not None
+                  else "") or said
         turn = Synthesis(self.route.get("route", "cache"), self._layout, answer, tuple(tokens), first - t0,
                          time.perf_counter() - t0, prefill, self._spans if not self.turns else (),
                          top_logprobs(self._first_logits, 5))

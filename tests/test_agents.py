@@ -210,7 +210,8 @@ def test_the_agent_command_reports_every_turn_as_json():
     from test_cli import parsyn
 
     done = parsyn("agent", QUESTION, "--workers", "2", "--max-turns", "1", "--max-new-tokens", "48",
-                  "--answer-tokens", "12", "--handover", "trajectory", "--model", "qwen2.5-coder-0.5b", "--json")
+                  "--answer-tokens", "24", "--handover", "trajectory", "--synth-tool-turns", "1",
+                  "--model", "qwen2.5-coder-0.5b", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["handover"] == "trajectory" and len(report["agents"]) == len(report["branches"]) == 2
@@ -219,6 +220,9 @@ def test_the_agent_command_reports_every_turn_as_json():
     assert any(c["name"] == "calculator" for turn in turns for c in turn["calls"])
     cache = report["routes"]["cache"]
     assert "tool" in [p["source"] for p in cache["provenance"]] and report["routes"]["text"]["answer"]
+    # the synthesizer may call the tools itself: each route's own tool turns, every call it made answered
+    assert set(report["synthesizer_turns"]) == {"text", "cache"}
+    assert all(len(t["results"]) == len(t["calls"]) for ts in report["synthesizer_turns"].values() for t in ts)
 
 
 @pytest.mark.slow

@@ -59,15 +59,15 @@ def bench(
         print(json.dumps(cells, indent=2))
         return
     table = Table(title=f"time to first token ({lm.name}, {layout})", title_justify="left")
-    for column in ("branches", "length", "text", "cache", "floor", "speed-up", "overhead"):
+    for column in ("branches", "length", "text", "cache", "floor", "bare prompt", "speed-up", "overhead"):
         table.add_column(column, justify="right")
     for c in cells:
         if c.get("skipped"):
-            table.add_row(str(c["branches"]), str(c["length"]), "—", "—", "—", "—", c["skipped"])
+            table.add_row(str(c["branches"]), str(c["length"]), "—", "—", "—", "—", "—", c["skipped"])
             continue
         table.add_row(str(c["branches"]), str(c["length"]), f"{c['text_ttft_s'] * 1000:.0f} ms",
                       f"{c['cache_ttft_s'] * 1000:.0f} ms", f"{c['floor_s'] * 1000:.0f} ms",
-                      f"{c['speedup']:.1f}×", f"{100 * c['overhead']:+.1f}%")
+                      f"{c['bare_prompt_s'] * 1000:.0f} ms", f"{c['speedup']:.1f}×", f"{100 * c['overhead']:+.1f}%")
     Console().print(table)
 
 
