@@ -23,7 +23,8 @@ class Span:
     index: int   # branch number (0 for the prefix and the prompt)
     start: int   # first logical position
     length: int
-    how: str     # "reused" (K/V as computed), "rerotated" (keys moved), "mapped" (calibrated), "recomputed"
+    how: str     # "reused" (K/V as computed), "rerotated" (keys moved), "mapped" (calibrated), "recomputed",
+    #              "compressed" (some of its tokens dropped before synthesis; the rest reused or moved)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,15 +65,21 @@ def mark_tools(spans: Sequence[Span], tools: Sequence[Sequence[tuple[int, int]]]
     return tuple(out)
 
 
+def extent(branch: KV) -> int:
+    """Positions a branch spans: its length, or more when compression left holes between its tokens."""
+    return int(branch.positions[-1] - branch.positions[0]) + 1 if branch.length else 0
+
+
 def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "parallel",
             mapper: Mapper | None = None) -> Composed:
     """Place every branch under `layout`, re-rotate the keys of moved branches and optionally map them:
     the context [prefix, branch 1, ..., branch N]. Moved or mapped branches are new tensors; the inputs
     are never written to."""
-    placement = place(prefix.length, [b.length for b in branches], layout)
+    extents = [extent(b) for b in branches]
+    placement = place(prefix.length, extents, layout)
     spans = [Span("prefix", 0, 0, prefix.length, "reused")]
     moved = []
-    for i, (branch, start) in enumerate(zip(branches, placement.starts)):
+    for i, (branch, start, size) in enumerate(zip(branches, placement.starts, extents)):
         if branch.batch != prefix.batch:
             raise ValueError(f"branch {i + 1} has batch {branch.batch}, the prefix {prefix.batch}")
         shift = start - int(branch.positions[0])
@@ -84,5 +91,5 @@ def compose(prefix: KV, branches: Sequence[KV], rope: Rope, *, layout: str = "pa
         if mapper is not None:
             branch, how = mapper(branch, i, len(branches)), "mapped"
         moved.append(branch)
-        spans.append(Span("branch", i + 1, start, branch.length, how))
+        spans.append(Span("branch", i + 1, start, size, "compressed" if branch.length < size else how))
     return Composed((prefix, *moved), placement.next_position, tuple(spans))

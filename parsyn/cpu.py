@@ -10,9 +10,16 @@ full copy of the cache in every layer); torch's SDPA takes grouped heads with a 
 identical results. `ATTENTION` is transformers' SDPA attention with that one change, registered under
 its own name through transformers' public attention registry (at import, once per process), so no
 other model or setting of the process changes.
+
+`observing(fn)` lets a caller see the attention probabilities of the forwards it runs (thread- and
+task-local; nothing is computed when no one observes): the SnapKV-style branch compression reads them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,36 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 ATTENTION = "parsyn_cpu_sdpa"
+# fn(module, probs): probs [B, H_kv, groups, q, k] float32, the attention of this forward's queries
+_OBSERVER: ContextVar[Callable[[nn.Module, torch.Tensor], None] | None] = ContextVar("parsyn_observer", default=None)
+
+
+@contextmanager
+def observing(observer: Callable[[nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, every attention call of a model on parsyn's CPU attention reports its attention
+    probabilities to `observer(module, probs)` (probs [B, H_kv, groups, q, k], float32)."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+                    causal: bool) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask) per kv head group: query [B, H, q, D], key [B, H_kv, k, D], an additive
+    mask [B, 1, q, k] or None (lower-right causal when `causal`). Returns [B, H_kv, H / H_kv, q, k] float32."""
+    b, h, q, d = query.shape
+    h_kv, k = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else d ** -0.5
+    grouped = query.float().reshape(b, h_kv, h // h_kv, q, d)
+    scores = grouped @ key.float()[:, :, None].transpose(-1, -2) * scale  # [B, H_kv, g, q, k]
+    if mask is not None:
+        scores = scores + mask.float()[:, :, None]
+    elif causal:
+        later = torch.ones(q, k, dtype=torch.bool, device=query.device).triu(k - q + 1)
+        scores = scores.masked_fill(later, float("-inf"))
+    return scores.softmax(-1)
 
 
 def grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -34,6 +71,9 @@ def grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     causal = query.shape[2] > 1 and attention_mask is None and causal
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                          is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer(module, attention_probs(query, key, attention_mask, scaling, causal))
     return out.transpose(1, 2).contiguous(), None
 
 

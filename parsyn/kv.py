@@ -74,6 +74,15 @@ class KV:
     def with_keys(self, keys: Sequence[torch.Tensor], positions: torch.Tensor) -> KV:
         return KV(tuple(keys), self.values, positions)
 
+    def take(self, index: slice | torch.Tensor) -> KV:
+        """The tokens at `index` (a slice, or a LongTensor of token indices: new tensors) as a KV."""
+        if isinstance(index, slice):
+            return KV(tuple(k[:, :, index] for k in self.keys), tuple(v[:, :, index] for v in self.values),
+                      self.positions[index])
+        at = index.to(self.keys[0].device)
+        return KV(tuple(k.index_select(2, at) for k in self.keys), tuple(v.index_select(2, at) for v in self.values),
+                  self.positions.index_select(0, index.to(self.positions.device)))
+
 
 def _metadata(data: bytes) -> dict:
     """The `__metadata__` of a safetensors byte string: its header is an 8-byte little-endian length, then JSON."""

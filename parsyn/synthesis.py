@@ -21,6 +21,7 @@ import torch
 
 from .chat import DEFAULT_INSTRUCTION, ChatFormat
 from .compose import Composed, Mapper, Span, compose, mark_tools
+from .compress import compress
 from .decode import Batch, Result, Row, Token
 from .forward import State, feed_, prefill_rows, stack
 from .model import LM
@@ -228,6 +229,7 @@ def cache_inputs(
     Composition reads the base model's branch caches (no adapter runs here); recomputed tokens see the
     prefix and every branch token at an earlier or equal position, and their old entries are masked out."""
     options = options or CacheOptions()
+    fork = compress(lm, fork, options.compression)  # (a new fork; unchanged when nothing is compressed)
     rope = rope_of(lm.model)
     if options.temperature != 1.0:
         mapper = sharpened(mapper, options.temperature)

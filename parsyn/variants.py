@@ -19,6 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .compose import Composed, Mapper, Span
+from .compress import Compression
 from .kv import KV
 from .model import LM
 from .rope import Rope, rotate
@@ -34,6 +35,10 @@ class CacheOptions:
     temperature, branch_bias: APE-style — branch keys are scaled by 1/temperature (sharper or flatter
         attention on branches) and `branch_bias` (a log-scale) is added to every attention logit on a
         branch token.
+    keep, keep_window, kv_bits: branch-KV compression before synthesis (`parsyn.compress`): each branch
+        keeps this fraction of its tokens, ranked by the attention of its last `keep_window` tokens
+        (SnapKV-style), and/or its K/V go through int8 with per-channel scales (kv_bits=8). A fork
+        synthesized many times is better compressed once, by `compress.compress`.
     """
 
     recompute: int = 0
@@ -41,10 +46,19 @@ class CacheOptions:
     check_layer: int = 1
     temperature: float = 1.0
     branch_bias: float = 0.0
+    keep: float = 1.0
+    keep_window: int = 16
+    kv_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.recompute < 0 or not 0 <= self.blend <= 1 or self.check_layer < 0 or self.temperature <= 0:
             raise ValueError(f"bad CacheOptions: {self}")
+        if self.compression.keep < 1 and (self.recompute or self.blend):
+            raise ValueError("keeping some branch tokens does not combine with recomputing others (recompute, blend)")
+
+    @property
+    def compression(self) -> Compression:
+        return Compression(keep=self.keep, window=self.keep_window, bits=self.kv_bits)
 
 
 def chosen(lm: LM, prefix_ids: Sequence[int], branch_ids: Sequence[Sequence[int]], composed: Composed, rope: Rope,

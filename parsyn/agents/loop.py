@@ -332,12 +332,8 @@ def _branch(a: _Agent, kv: KV, handover: str, rope, answer: str) -> Branch:
         runs = tuple((len(a.opening) + at, n) for at, n in a.tool_runs)
         return Branch(ids, answer, kv, a.role, a.generated, runs)
     o, final = len(a.opening), len(a.opening) + a.turn_at
-    head = _take(kv, slice(0, o))
-    tail = _take(kv, slice(final, kv.length))
+    head = kv.take(slice(0, o))
+    tail = kv.take(slice(final, kv.length))
     at = head.positions[-1] + 1 + torch.arange(tail.length, device=tail.positions.device)
     tail = tail.with_keys(rope.rerotate(tail.keys, tail.positions, at), at)
     return Branch(tuple(a.opening) + tuple(a.ids[a.turn_at :]), answer, cat([head, tail]), a.role, a.generated)
-
-
-def _take(kv: KV, span: slice) -> KV:
-    return KV(tuple(k[:, :, span] for k in kv.keys), tuple(v[:, :, span] for v in kv.values), kv.positions[span])
