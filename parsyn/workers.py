@@ -61,6 +61,7 @@ def fork(
     on_token: Callable[[int, int], None] | None = None,
     quorum: int | None = None,
     deadline_s: float | None = None,
+    executor=None,
 ) -> Fork:
     """Run `workers` workers on `question`; the prefix (system + question) is prefilled once and shared.
 
@@ -68,10 +69,11 @@ def fork(
     i samples with seed `row_seed(sampling.seed, i)`, so its tokens do not depend on the batch
     (`batched=False` runs them one after another, for comparison). on_token(worker, token) reports progress.
     quorum, deadline_s: a join that does not wait for stragglers (see `fork_many`).
+    executor: where the workers decode (see `fork_many`).
     """
     report = None if on_token is None else (lambda _, worker, token: on_token(worker, token))
     return fork_many(lm, [question], workers=workers, roles=roles, system=system, sampling=sampling,
-                     batched=batched, on_token=report, quorum=quorum, deadline_s=deadline_s)[0]
+                     batched=batched, on_token=report, quorum=quorum, deadline_s=deadline_s, executor=executor)[0]
 
 
 def fork_many(
@@ -86,6 +88,7 @@ def fork_many(
     on_token: Callable[[int, int, int], None] | None = None,
     quorum: int | None = None,
     deadline_s: float | None = None,
+    executor=None,
 ) -> list[Fork]:
     """Fork several questions in one batch: every prefix prefilled once (together), every question's
     workers decoded together. roles: one list for all questions, or one list per question (then each
@@ -94,7 +97,13 @@ def fork_many(
 
     quorum: a question's workers stop once `quorum` of them have finished; deadline_s: once this long has
     passed since decoding began (and one has finished). Stragglers are cut: their rows leave the batch and
-    their fork lists them in `cut`; the finished branches are exactly those a full join would hold."""
+    their fork lists them in `cut`; the finished branches are exactly those a full join would hold.
+
+    executor: None decodes here; else an object whose `fork_many` takes these arguments and returns the
+    same forks, e.g. `parsyn.dist.RayExecutor` (the workers on Ray actors)."""
+    if executor is not None:
+        return executor.fork_many(lm, questions, workers=workers, roles=roles, system=system, sampling=sampling,
+                                  batched=batched, on_token=on_token, quorum=quorum, deadline_s=deadline_s)
     join = Join(quorum, deadline_s)
     plan = Forking.plan(lm, questions, workers=workers, roles=roles, system=system, sampling=sampling,
                         rows_at_once=None if batched else 1)

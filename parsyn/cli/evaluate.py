@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -86,10 +87,16 @@ def evaluate(
     adapter: Annotated[str, typer.Option(help="Synthesizer for cache-trained: auto, none or a checkpoint.")] = "auto",
     max_turns: Annotated[int, typer.Option(help="Agentic tasks: tool turns per agent.")] = 3,
     model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="Shard the items over Ray actors: a cluster's HOST:PORT, auto, or local (a throwaway two-node "
+             "cluster on this machine).")] = None,
+    ray_actors: Annotated[int, typer.Option(help="Model replicas (Ray actors, one CPU each) for --ray.")] = 2,
 ) -> None:
     """Accuracy, agreement with text synthesis and TTFT per task and method, on the same branches. Agentic
     tasks (agent_docs, agent_sql, agent_mbpp) run tool-using workers and compare handovers instead."""
     if any(t.startswith("agent_") for t in names(tasks)):
+        if ray is not None:
+            raise ValueError("--ray shards the item evaluation; agentic tasks run in one process")
         return _agentic(names(tasks), out, limit, seed, workers, max_turns, adapter, model)
     from ..eval.run import EvalConfig
     from ..eval.run import run as run_eval
@@ -99,13 +106,26 @@ def evaluate(
                         adapter=adapter)
     from ..eval.run import read_predictions
 
+    shards = _shards(ray, ray_actors, model)
     lm = load_model(model)
     kept = lambda: (f"{len(read_predictions(out / 'predictions.jsonl'))} finished items are in "
                     f"{out / 'predictions.jsonl'}; run the same command to resume")
-    with resumable(kept), steps("items", 1) as tick:
+    with resumable(kept), steps("items", 1) as tick, shards or nullcontext():
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
-                           progress=lambda done, n, task: tick(done, n))
+                           progress=lambda done, n, task: tick(done, n), shards=shards)
     print_summary(summary, out)
+
+
+def _shards(address: Optional[str], actors: int, model: Optional[str]):
+    """The Ray shards of --ray (None without it), checked before the model loads."""
+    if address is None:
+        return None
+    from ..dist.cluster import require
+    from ..eval.shard import Shards
+    from ..registry import default
+
+    require()
+    return Shards(address, model=model or default(), actors=actors)
 
 
 def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) -> None:

@@ -43,14 +43,17 @@ def run(
         help="Trained synthesizer for the cache route: auto (the packaged one when it fits the model), "
              "none, or a checkpoint folder.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the display.")] = False,
+    ray: Annotated[Optional[str], typer.Option(help="Workers on Ray: HOST:PORT, auto or local (throwaway).")] = None,
+    ray_actors: Annotated[int, typer.Option(help="Model replicas (Ray actors, one CPU each) for --ray.")] = 2,
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
     from ..sampling import SamplingParams
-    from ..workers import fork, from_texts
+    from ..workers import from_texts
 
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
     synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
     _check_request(question, bool(branch), workers, quorum, deadline)  # cheap checks before the model loads
+    executor = _executor(ray, ray_actors, model, bool(branch), quorum, deadline)
     chosen_gate = _gate(route, gate)
     lm = load_model(model)
     from ..adapter import resolve
@@ -59,13 +62,10 @@ def run(
     roles = role or []
     if branch:
         f = from_texts(lm, question, branch, roles=roles, system=system)
+    elif executor is not None:
+        f = _ray_fork(lm, executor, question, workers, roles, system, worker_sampling, quiet=as_json)
     else:
-        with _worker_progress(workers, max_new_tokens, quiet=as_json) as on_token:
-            f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=worker_sampling,
-                     on_token=on_token, quorum=quorum, deadline_s=deadline)
-        if f.cut and not as_json:
-            err.print(f"join: synthesizing {len(f.branches)} of {workers} workers; cut worker(s) "
-                      f"{', '.join(str(i + 1) for i in f.cut)}")
+        f = _local_fork(lm, question, workers, roles, system, worker_sampling, quorum, deadline, quiet=as_json)
     results, decision = _synthesize(lm, f, route, layout.value if layout else None, chosen_gate, synth_sampling,
                                     trained)
     if decision is not None and not as_json:
@@ -91,6 +91,49 @@ def _check_request(question: str, given: bool, workers: int, quorum: int | None,
     Join(quorum, deadline)
     if quorum is not None and quorum > workers:
         raise ValueError(f"a quorum of {quorum} needs at least {quorum} workers, got --workers {workers}")
+
+
+def _local_fork(lm, question: str, workers, roles, system, sampling, quorum, deadline, *, quiet: bool):
+    """The fork of the workers here, with a live bar per worker; a join's cut workers are named on stderr."""
+    from ..workers import fork
+
+    with _worker_progress(workers, sampling.max_new_tokens, quiet=quiet) as on_token:
+        f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=sampling, on_token=on_token,
+                 quorum=quorum, deadline_s=deadline)
+    if f.cut and not quiet:
+        err.print(f"join: synthesizing {len(f.branches)} of {workers} workers; cut worker(s) "
+                  f"{', '.join(str(i + 1) for i in f.cut)}")
+    return f
+
+
+def _ray_fork(lm, executor, question: str, workers, roles, system, sampling, *, quiet: bool):
+    """The fork of --ray: workers on the executor's actors, which end with it (a local cluster too)."""
+    from ..workers import fork
+
+    where = executor.options
+    with executor, err.status(f"{workers} workers on Ray ({where.address}, {where.actors} actors)", spinner="dots"):
+        f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=sampling, executor=executor)
+    if not quiet:
+        s = executor.last
+        err.print(f"ray: {s.rows} workers on {s.actors} actors; {s.bytes_shipped / 2**20:.1f} MiB of K/V shipped, "
+                  f"{s.remote_s:.1f} s" + (f"; retried: {'; '.join(s.retried)}" if s.retried else ""))
+    return f
+
+
+def _executor(address: str | None, actors: int, model: str | None, given: bool, quorum, deadline):
+    """The Ray executor of --ray (None without it), checked before the model loads."""
+    if address is None:
+        return None
+    if given:
+        raise ValueError("--ray runs workers; it does not apply to --branch")
+    if quorum is not None or deadline is not None:
+        raise ValueError("--quorum and --deadline cut local workers; with --ray every worker is waited for")
+    from ..dist import RayExecutor
+    from ..dist.cluster import check_address, require
+    from ..registry import default
+
+    require()
+    return RayExecutor(check_address(address), actors=actors, model=model or default())
 
 
 def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None) -> tuple[dict, dict | None]:

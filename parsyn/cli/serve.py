@@ -27,6 +27,9 @@ def serve(
     timeout: Annotated[float, typer.Option(min=1, help="Deadline of a request in seconds, queue included.")] = 600.0,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="PARSYN_API_KEY", help="Require `Authorization: Bearer KEY` on every endpoint but /healthz.")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="Decode requests' worker rows on Ray actors: a cluster's HOST:PORT, auto, or local.")] = None,
+    ray_actors: Annotated[int, typer.Option(help="Model replicas (Ray actors, one CPU each) for --ray.")] = 2,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with fork handles, streaming and a web page."""
     import uvicorn
@@ -39,11 +42,13 @@ def serve(
 
     store = ForkStore(int(cache_gib * 2**30), fork_ttl)  # bad settings are refused before the model loads
     _check_port(host, port)
+    executor = _executor(ray, ray_actors, model)
     lm = load_model(model)
     trained = resolve(lm, adapter)
     name = model if model and model in registry.MODELS else (os.path.basename(model.rstrip("/")) if model
                                                              else registry.default())
-    engine = Engine(lm, trained, max_queue=max_queue, max_rows=max_rows).start()
+    _start_actors(executor, lm)
+    engine = Engine(lm, trained, max_queue=max_queue, max_rows=max_rows, executor=executor).start()
     web = create_app(lm, model_name=name, synthesizer=trained, engine=engine, store=store, api_key=api_key,
                      limits=Limits(timeout_s=timeout))
     server = uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level="warning",
@@ -58,7 +63,32 @@ def serve(
         server.run()
     finally:
         engine.stop(drain=True)
+        if executor is not None:
+            executor.close()
     print("parsyn: the server stopped after its in-flight requests", file=sys.stderr)
+
+
+def _executor(address: Optional[str], actors: int, model: Optional[str]):
+    """The Ray executor of --ray (None without it), checked before the model loads."""
+    if address is None:
+        return None
+    from .. import registry
+    from ..dist import RayExecutor
+    from ..dist.cluster import check_address, require
+
+    require()
+    return RayExecutor(check_address(address), actors=actors, model=model or registry.default())
+
+
+def _start_actors(executor, lm) -> None:
+    """The actors load their replicas before the first request; a failure ends them (and a local cluster)."""
+    if executor is None:
+        return
+    try:
+        executor.ready(lm)
+    except BaseException:
+        executor.close()
+        raise
 
 
 def _check_port(host: str, port: int) -> None:

@@ -99,9 +99,11 @@ class EvalConfig:
 
 
 def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
-        progress: Callable[[int, int, str], None] | None = None) -> dict:
+        progress: Callable[[int, int, str], None] | None = None, shards=None) -> dict:
     """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json). Items are
-    taken in turn from each task, so a run stopped early has about as many items of every task."""
+    taken in turn from each task, so a run stopped early has about as many items of every task.
+    shards: None evaluates here; a `parsyn.eval.shard.Shards` evaluates the groups on Ray actors (records
+    written as each group finishes; the same records, the same summary)."""
     out = Path(out)
     trained = resolve(lm, config.adapter) if TRAINED.keys() & set(config.methods) else None  # refusals come first,
     methods = [m for m in config.methods if m not in TRAINED or trained is not None]  # before any file
@@ -109,25 +111,39 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     items = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
     _check_config(out / "config.json", config)
     path = out / "predictions.jsonl"
-    ids = {item.id for item in items}
     done = {r["id"]: r for r in read_predictions(path)}
+    every = list(groups(items, len(config.tasks)))
+    todo = [g for g in every if any(item.id not in done for item in g)]  # a group runs whole, so its numbers
+    n = sum(len(g) for g in every) - sum(len(g) for g in todo)               # never depend on where a run stopped
+    if progress and n:
+        progress(n, len(items), items[0].task)
     with Records(path) as records:
-        n = 0
-        for group in groups(items, len(config.tasks)):
-            if any(item.id not in done for item in group):  # a group runs whole, so its numbers never depend
-                fresh = evaluate_items(lm, group, config, methods, trained)  # on where a run was stopped
-                records.extend(r for item, r in zip(group, fresh) if item.id not in done)
-            short = [item for item in group if item.id in done and "prefix_ids" in done[item.id]
-                     and [m for m in methods if m not in done[item.id]["methods"]]]
-            if short:
-                records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
+        for group, fresh in _fresh(lm, todo, config, methods, trained, shards):
+            records.extend(r for item, r in zip(group, fresh) if item.id not in done)
             for item in group:
                 n += 1
                 if progress:
                     progress(n, len(items), item.task)
-    summary = summarize([r for r in read_predictions(path) if r["id"] in ids], config, methods, lm, command)
+        for group in every:
+            short = [item for item in group if item.id in done and "prefix_ids" in done[item.id]
+                     and [m for m in methods if m not in done[item.id]["methods"]]]
+            if short:
+                records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
+    order = {item.id: k for k, item in enumerate(item for g in every for item in g)}  # as one process writes them
+    rows = sorted((r for r in read_predictions(path) if r["id"] in order), key=lambda r: order[r["id"]])
+    summary = summarize(rows, config, methods, lm, command)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _fresh(lm: LM, todo: Sequence[list[T.Item]], config: EvalConfig, methods: Sequence[str],
+           trained: Synthesizer | None, shards) -> Iterator[tuple[Sequence[T.Item], list[dict]]]:
+    """(group, its records) for every group to evaluate: here, in order, or on `shards` as they finish."""
+    if shards is not None:
+        yield from shards.evaluate(lm, todo, config, methods)
+        return
+    for group in todo:
+        yield group, evaluate_items(lm, group, config, methods, trained)
 
 
 def groups(items: Sequence[T.Item], tasks: int) -> Iterator[list[T.Item]]:

@@ -159,7 +159,8 @@ def _openai_routes(app: FastAPI, ctx: Context) -> None:
                             worker_sampling=SamplingParams(p.worker_max_tokens, p.worker_temperature, 0.95,
                                                            sampling.seed),
                             routes=routes, sampling=sampling, layout=p.layout,
-                            instruction=p.instruction or DEFAULT_INSTRUCTION, synthesizer=ctx.synthesizer, emit=_ignore)
+                            instruction=p.instruction or DEFAULT_INSTRUCTION, synthesizer=ctx.synthesizer, emit=_ignore,
+                            executor=ctx.engine.executor)
         return await C.workflow(http, ctx.engine, job, body, routes, ctx.model_name, ctx.limits, ctx.metrics)
 
 
@@ -175,7 +176,7 @@ def _fork_routes(app: FastAPI, ctx: Context) -> None:
             workers = body.workers or 3
             sampling = _sampling(body, ctx.limits, default_temperature=0.7, default_max=128)
             job = jobs.workers(ctx.lm, body.question, system=body.system, roles=_roles(body.roles, workers),
-                               sampling=sampling, emit=_ignore)
+                               sampling=sampling, emit=_ignore, executor=ctx.engine.executor)
         bridge = Bridge(ctx.engine, job, ctx.limits.timeout_s)
         if not body.stream:
             fork = await bridge.result(http)

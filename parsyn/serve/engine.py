@@ -41,6 +41,8 @@ class Part:
 class Phase:
     parts: list[Part]
     wait: bool = True  # resume the job when every row it has running has finished; else after one step
+    waits_on: object | None = None  # work outside the batch (worker rows on Ray actors): resume once its
+    # done() is true, polled between steps without blocking
 
 
 @dataclass(eq=False)
@@ -76,6 +78,7 @@ class Request:
     done: Finished = field(default_factory=Finished)
     waits: bool = True
     resume_after_step: bool = False
+    waiting_on: object | None = None
 
     def cancel(self, reason: str) -> None:
         """Ask the engine to stop this request (any thread); its rows leave at the next step."""
@@ -85,8 +88,9 @@ class Request:
 class Engine:
     """Owns the model on one thread. `submit` may be called from any thread."""
 
-    def __init__(self, lm: LM, adapter=None, *, max_queue: int = 64, max_rows: int = 64):
+    def __init__(self, lm: LM, adapter=None, *, max_queue: int = 64, max_rows: int = 64, executor=None):
         self.lm, self.adapter = lm, adapter
+        self.executor = executor  # where requests' worker rows decode (None: in this batch; see parsyn.dist)
         self.max_queue, self.max_rows = max_queue, max_rows
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}
@@ -145,6 +149,7 @@ class Engine:
     def _loop(self) -> None:
         while not (self._stop and not self.waiting and not self.active):
             self._reap()
+            self._poll_outside()
             self._admit()
             self._join()
             if self.batch is None:
@@ -192,11 +197,13 @@ class Engine:
         except Exception as error:  # the job's own error (bad input found late, say): this request only
             self._end(request, ("error", error))
             return
-        request.waits = phase.wait
+        request.waits, request.waiting_on = phase.wait, phase.waits_on
         for part in phase.parts:
             rows = [dataclasses.replace(r, key=(request.id, r.key), adapted=part.adapted) for r in part.rows]
             request.running.update(r.key for r in rows)
             self._joining.append(Batch(self.lm, part.state, part.logits, rows, adapter=self.adapter))
+        if request.waiting_on is not None:
+            return
         if not phase.wait or not request.running:
             request.resume_after_step = True
             if self.batch is None and not self._joining:  # nothing decodes: resume now, not after a step
@@ -228,6 +235,19 @@ class Engine:
                 self._resume(request)
         if self.batch is batch and not batch.live:
             self.batch = None
+
+    def _poll_outside(self) -> None:
+        """Resume the jobs whose work outside the batch is done (or failed: the request ends with its error)."""
+        for request in [r for r in self.active.values() if r.waiting_on is not None]:
+            try:
+                ready = request.waiting_on.done()
+            except Exception as error:  # the outside work's own error (actors lost, say): this request only
+                request.waiting_on = None
+                self._end(request, ("error", error))
+                continue
+            if ready:
+                request.waiting_on = None
+                self._resume(request)
 
     def _reap(self) -> None:
         now = time.monotonic()

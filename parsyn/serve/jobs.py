@@ -49,15 +49,24 @@ def _choice(lm: LM, result: Result) -> Choice:
 
 
 def workers(lm: LM, question: str, *, system: str | None, roles: Sequence[str | None], sampling: SamplingParams,
-            emit: Emit) -> Job:
-    """Workers on `question` as rows of the engine's batch (keys ("worker", i)); returns the Fork."""
-    plan = Forking.plan(lm, [question], roles=[list(roles)], system=system, sampling=sampling)
-    state, logits, rows = plan.start()
-    rows = [dataclasses.replace(r, key=("worker", r.key[1]), text=True) for r in rows]
-    t0 = time.perf_counter()
-    done = yield Phase([Part(state, logits, rows)])
+            emit: Emit, executor=None) -> Job:
+    """Workers on `question` as rows of the engine's batch (keys ("worker", i)), or, with an `executor`
+    (`parsyn.dist.RayExecutor`), on its actors while the engine decodes other requests; returns the Fork."""
+    if executor is not None:
+        plan = Forking.plan(lm, [question], roles=[list(roles)], system=system, sampling=sampling, rows_at_once=1)
+        t0 = time.perf_counter()
+        remote = executor.start(plan)
+        yield Phase([], waits_on=remote)
+        results = remote.results()
+    else:
+        plan = Forking.plan(lm, [question], roles=[list(roles)], system=system, sampling=sampling)
+        state, logits, rows = plan.start()
+        rows = [dataclasses.replace(r, key=("worker", r.key[1]), text=True) for r in rows]
+        t0 = time.perf_counter()
+        done = yield Phase([Part(state, logits, rows)])
+        results = {(0, i): done.results["worker", i] for i in range(len(rows))}
     plan.decode_s = time.perf_counter() - t0
-    fork = plan.forks({(0, i): done.results["worker", i] for i in range(len(rows))})[0]
+    fork = plan.forks(results)[0]
     emit(("fork", fork))
     return fork
 
@@ -99,9 +108,11 @@ def synthesize(lm: LM, fork: Fork, routes: Sequence[str], *, sampling: SamplingP
 
 def workflow(lm: LM, question: str, *, system: str | None, roles: Sequence[str | None], worker_sampling: SamplingParams,
              routes: Sequence[str], sampling: SamplingParams, layout: str | None, instruction: str, synthesizer,
-             emit: Emit) -> Job:
-    """Workers, then the synthesis of their branches; returns (Fork, {route: Synthesis})."""
-    fork = yield from workers(lm, question, system=system, roles=roles, sampling=worker_sampling, emit=emit)
+             emit: Emit, executor=None) -> Job:
+    """Workers (here, or on `executor`'s actors), then the synthesis of their branches; returns (Fork,
+    {route: Synthesis})."""
+    fork = yield from workers(lm, question, system=system, roles=roles, sampling=worker_sampling, emit=emit,
+                              executor=executor)
     answers: dict[str, Synthesis] = yield from synthesize(lm, fork, routes, sampling=sampling, layout=layout,
                                                           instruction=instruction, synthesizer=synthesizer)
     return fork, answers
