@@ -1,11 +1,13 @@
 """Branch-KV compression before synthesis: keep the branch tokens that matter, store K/V in 8 bits.
 
-`keep` (SnapKV-style): each branch's last `window` tokens are its observation window. They are run once
-more over the prefix and the rest of their branch (their K/V come out as they were: the forward only
-re-reads), and the attention they give every earlier token of the branch — summed over layers, heads
-and window queries, then max-pooled over neighbouring tokens so that kept tokens come in runs — ranks
-those tokens. A branch keeps its first `sinks` tokens (its opening), its window, and the best-ranked
-rest up to `keep` of its length. Kept tokens keep their positions: a compressed branch spans the same
+`keep` (SnapKV-style): an observation window of queries ranks each branch's tokens by the attention it
+gives them — summed over layers, heads and queries, then max-pooled over neighbouring tokens so that kept
+tokens come in runs. By default (`by="prompt"`) the window is the synthesizer's own prompt (instruction
+and question), run after each branch over the prefix and that branch and then discarded: the tokens the
+synthesizer would attend to most, chosen per question. With `by="tail"` it is the branch's last `window`
+tokens, run once more (their K/V come out as they were): a ranking that does not depend on the prompt. A
+branch keeps its first `sinks` tokens (its opening), its last `window` tokens, and the best-ranked rest up
+to `keep` of its length. Kept tokens keep their positions: a compressed branch spans the same
 positions as before with holes, so the synthesizer reads the survivors where they were computed.
 One choice per token serves every layer and head (SnapKV chooses per head): the decode state keeps one
 set of positions for all layers.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chat import DEFAULT_INSTRUCTION, ChatFormat
 from .cpu import observing
 from .forward import State, feed_, stack
 from .kv import KV
@@ -35,13 +38,16 @@ class Compression:
     """How branches are compressed before synthesis (the defaults change nothing).
 
     keep: the fraction of each branch's tokens kept (SnapKV-style; 1 keeps all).
-    window: the branch's last tokens whose attention ranks the others (always kept).
+    by: what ranks them: "prompt" (the synthesizer's prompt's attention) or "tail" (the branch's last
+        `window` tokens' attention).
+    window: the branch's last tokens, always kept (and the observation window of by="tail").
     sinks: the branch's first tokens, always kept (its opening: role and turn header).
     pool: max-pooling width over the ranking (odd), so neighbours of a strong token survive with it.
     bits: 8 stores K/V as int8 with per-channel scales; None keeps the model's dtype.
     """
 
     keep: float = 1.0
+    by: str = "prompt"
     window: int = 16
     sinks: int = 4
     pool: int = 7
@@ -52,6 +58,8 @@ class Compression:
             raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep}")
         if self.window < 1 or self.sinks < 0 or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"need window >= 1, sinks >= 0 and an odd pool >= 1, got {self}")
+        if self.by not in ("prompt", "tail"):
+            raise ValueError(f"by must be 'prompt' or 'tail', got {self.by!r}")
         if self.bits not in (None, 8):
             raise ValueError(f"bits must be 8 or None (the model's dtype), got {self.bits}")
 
@@ -99,10 +107,12 @@ def kv_nbytes(kv: KV) -> int:
     return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values, kv.positions))
 
 
-def window_attention(lm: LM, fork: Fork, window: int) -> list[torch.Tensor]:
-    """Per branch, the attention its last `window` tokens give each earlier token of the branch ([n - w],
-    summed over layers, heads and window queries), from one batched forward over every branch. Branches
-    no longer than the window get an empty ranking. The fork is not modified."""
+def window_attention(lm: LM, fork: Fork, window: int, probe: list[int] | None = None) -> list[torch.Tensor]:
+    """Per branch, the attention each of its tokens before its last `window` gets ([n - w], summed over
+    layers, heads and queries) from the observation queries: `probe` (token ids, e.g. the synthesizer's
+    prompt) fed right after the branch, or, without one, the branch's own last `window` tokens fed again.
+    One batched forward over every branch; branches no longer than the window get an empty ranking. The
+    fork is not modified."""
     ranked = [i for i, b in enumerate(fork.branches) if b.kv.length > window]
     out = [torch.zeros(0) for _ in fork.branches]
     if not ranked:
@@ -110,13 +120,18 @@ def window_attention(lm: LM, fork: Fork, window: int) -> list[torch.Tensor]:
     states, rows, positions = [], [], []
     for i in ranked:
         b = fork.branches[i].kv
-        body = b.take(slice(0, b.length - window))
+        body = b if probe else b.take(slice(0, b.length - window))
         states.append(State.over([fork.prefix, body], torch.cat([fork.prefix.positions, body.positions])[None]))
-        rows.append(list(fork.branches[i].token_ids[-window:]))
-        positions.append(b.positions[-window:].tolist())
+        if probe:
+            after = int(b.positions[-1]) + 1
+            rows.append(list(probe))
+            positions.append(list(range(after, after + len(probe))))
+        else:
+            rows.append(list(fork.branches[i].token_ids[-window:]))
+            positions.append(b.positions[-window:].tolist())
     state = states[0] if len(states) == 1 else stack(states)
     width = state.key_pos.shape[1]
-    total = torch.zeros(len(ranked), width + window, device=lm.device)
+    total = torch.zeros(len(ranked), width + max(map(len, rows)), device=lm.device)
     seen = []
 
     def add(module, probs: torch.Tensor) -> None:  # probs [B, H_kv, g, q, k]
@@ -129,8 +144,9 @@ def window_attention(lm: LM, fork: Fork, window: int) -> list[torch.Tensor]:
         raise ValueError("keeping branch tokens by attention needs parsyn's CPU attention; this model runs "
                          f"'{lm.model.config._attn_implementation}'")
     for j, i in enumerate(ranked):
-        body = fork.branches[i].kv.length - window
-        out[i] = total[j, width - body: width].cpu()  # the branch's own earlier tokens (rows right-aligned)
+        n = fork.branches[i].kv.length
+        end = width if not probe else width - window  # the branch's own tokens end at width (rows right-aligned)
+        out[i] = total[j, end - (n - window): end].cpu()
     return out
 
 
@@ -148,9 +164,11 @@ def kept(scores: torch.Tensor, length: int, c: Compression) -> list[int]:
     return sorted(sure | set(chosen))
 
 
-def compress(lm: LM, fork: Fork, c: Compression) -> Fork:
+def compress(lm: LM, fork: Fork, c: Compression, prompt_ids: list[int] | None = None) -> Fork:
     """A new fork whose branches hold the compressed K/V (token ids and texts unchanged); the fork is not
-    modified. Keeping tokens needs branches whose K/V still cover their tokens one for one."""
+    modified. Keeping tokens needs branches whose K/V still cover their tokens one for one. `prompt_ids`:
+    the synthesizer's prompt that ranks them with by="prompt" (default: the prompt of the default
+    instruction for the fork's question)."""
     if not c.active:
         return fork
     if c.keep < 1:
@@ -158,7 +176,10 @@ def compress(lm: LM, fork: Fork, c: Compression) -> Fork:
             if b.kv.length != len(b.token_ids):
                 raise ValueError(f"branch {i + 1} is already compressed (its K/V hold {b.kv.length} of its "
                                  f"{len(b.token_ids)} tokens)")
-    scores = window_attention(lm, fork, c.window) if c.keep < 1 else [torch.zeros(0)] * len(fork.branches)
+    if c.keep < 1 and c.by == "prompt" and prompt_ids is None:
+        prompt_ids = list(ChatFormat(lm.tokenizer).synthesis_ids(fork.question, fork.system, DEFAULT_INSTRUCTION))
+    probe = list(prompt_ids) if c.by == "prompt" and c.keep < 1 else None
+    scores = window_attention(lm, fork, c.window, probe) if c.keep < 1 else [torch.zeros(0)] * len(fork.branches)
     branches = []
     for b, s in zip(fork.branches, scores):
         kv = b.kv

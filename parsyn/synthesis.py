@@ -229,7 +229,7 @@ def cache_inputs(
     Composition reads the base model's branch caches (no adapter runs here); recomputed tokens see the
     prefix and every branch token at an earlier or equal position, and their old entries are masked out."""
     options = options or CacheOptions()
-    fork = compress(lm, fork, options.compression)  # (a new fork; unchanged when nothing is compressed)
+    fork = compress(lm, fork, options.compression, list(prompt_ids))  # a new fork (this one when nothing is)
     rope = rope_of(lm.model)
     if options.temperature != 1.0:
         mapper = sharpened(mapper, options.temperature)

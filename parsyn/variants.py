@@ -35,9 +35,10 @@ class CacheOptions:
     temperature, branch_bias: APE-style — branch keys are scaled by 1/temperature (sharper or flatter
         attention on branches) and `branch_bias` (a log-scale) is added to every attention logit on a
         branch token.
-    keep, keep_window, kv_bits: branch-KV compression before synthesis (`parsyn.compress`): each branch
-        keeps this fraction of its tokens, ranked by the attention of its last `keep_window` tokens
-        (SnapKV-style), and/or its K/V go through int8 with per-channel scales (kv_bits=8). A fork
+    keep, keep_by, keep_window, kv_bits: branch-KV compression before synthesis (`parsyn.compress`): each
+        branch keeps this fraction of its tokens, ranked by the attention the synthesizer's prompt gives
+        them (keep_by="prompt") or that the branch's last `keep_window` tokens give them ("tail"),
+        SnapKV-style, and/or its K/V go through int8 with per-channel scales (kv_bits=8). A fork
         synthesized many times is better compressed once, by `compress.compress`.
     """
 
@@ -47,6 +48,7 @@ class CacheOptions:
     temperature: float = 1.0
     branch_bias: float = 0.0
     keep: float = 1.0
+    keep_by: str = "prompt"
     keep_window: int = 16
     kv_bits: int | None = None
 
@@ -58,7 +60,7 @@ class CacheOptions:
 
     @property
     def compression(self) -> Compression:
-        return Compression(keep=self.keep, window=self.keep_window, bits=self.kv_bits)
+        return Compression(keep=self.keep, by=self.keep_by, window=self.keep_window, bits=self.kv_bits)
 
 
 def chosen(lm: LM, prefix_ids: Sequence[int], branch_ids: Sequence[Sequence[int]], composed: Composed, rope: Rope,

@@ -63,6 +63,15 @@ def test_run_with_a_quorum_synthesizes_the_first_finished_workers():
     report = json.loads(done.stdout)
     assert [b["role"] for b in report["branches"]] == ["Answer with one word."] and report["cut"] == [1, 2]
     assert [p["how"] for p in report["routes"]["cache"]["provenance"]] == ["reused", "mapped", "recomputed"]
+    done = parsyn("run", "Which planet is largest?", "--model", "smollm2-135m", "--workers", "3", "--quorum", "1",
+                  "--role", "Answer with one word.", "--role", "Explain in detail, with history.",
+                  "--role", "Describe every planet in turn.", "--max-new-tokens", "40", "--route", "cache", "--json",
+                  "--fold")
+    assert done.returncode == 0, done.stderr
+    folded = json.loads(done.stdout)
+    assert folded["branches"] == report["branches"] and folded["cut"] == [1, 2]  # the early answer, as above
+    assert len(folded["folded"]["branches"]) == 3 and folded["folded"]["cut"] == []  # then every worker's
+    assert folded["folded"]["branches"][0] == report["branches"][0] and folded["folded"]["routes"]["cache"]["answer"]
 
 
 def test_run_given_branches_with_display():
@@ -72,6 +81,11 @@ def test_run_given_branches_with_display():
     assert done.returncode == 0, done.stderr
     assert "worker 2" in done.stdout and "cache (sequential," in done.stdout and "trained)" in done.stdout
     assert "Jupiter is the largest" in done.stdout
+    done = parsyn("run", "Which planet is largest?", "--branch", "Jupiter, the fifth planet, is the largest. " * 4,
+                  "--branch", "Saturn is smaller than Jupiter. " * 4, "--route", "cache", "--keep", "0.5",
+                  "--kv-bits", "8", "--max-new-tokens", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "compressed" in {p["how"] for p in json.loads(done.stdout)["routes"]["cache"]["provenance"]}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +113,10 @@ def gpt2_folder(tmp_path_factory, tokenizer):
         (["run", "Why?", "--workers", "2", "--quorum", "3"], "a quorum of 3 needs at least 3 workers"),
         (["run", "Why?", "--deadline", "0"], "deadline must be a positive"),
         (["run", "Why?", "--branch", "Yes.", "--quorum", "1"], "do not apply to --branch"),
+        (["run", "Why?", "--fold"], "give one of them"),
+        (["run", "Why?", "--keep", "0"], "keep must be a fraction"),
+        (["run", "Why?", "--kv-bits", "4"], "bits must be 8"),
+        (["run", "Why?", "--keep", "0.5", "--route", "text"], "compress the cache route"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, gpt2_folder, capsys, monkeypatch):
@@ -120,6 +138,8 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
     cells = json.loads(done.stdout)
     assert [(c["branches"], c["length"]) for c in cells] == [(1, 32), (2, 32)]
     assert set(cells[0]) >= {"text_ttft_s", "cache_ttft_s", "floor_s", "speedup", "overhead"}
+    fit = json.loads((tmp_path / "bench.json").read_text())["slopes"]  # two cells of 32 and 64 tokens: a line
+    assert fit["cells"] == 2 and set(fit) >= {"text", "cache", "floor", "text_over_cache"}
     done = parsyn("eval", "--tasks", "gsm8k,boolq", "--methods", "text,cache-parallel,ape", "--limit", "1",
                   "--workers", "2", "--max-new-tokens", "4", "--model", str(tiny_folder),
                   "--out", str(tmp_path / "eval"))

@@ -1,5 +1,6 @@
-"""Branch-KV compression: the attention it ranks by is the model's, dropping a token equals masking it,
-int8 storage stays within half a step of every channel's scale, and bad settings are refused."""
+"""Branch-KV compression: the attention it ranks by (the synthesizer's prompt's, or a branch tail's) is
+the model's, dropping a token equals masking it, int8 storage stays within half a step of every channel's
+scale, and bad settings are refused."""
 
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def test_the_ranking_is_the_attention_an_eager_model_reports(tokenizer):
         start, n = len(f.prefix_ids), len(b.token_ids)
         want = sum(a[0, :, -w:, start : start + n - w].sum((0, 1)) for a in att)
         torch.testing.assert_close(s, want, atol=1e-4, rtol=1e-4)
+    prompt = prompt_tokens(lm, f)  # by="prompt": the synthesizer's prompt, read right after each branch
+    for b, s in zip(f.branches, window_attention(lm, f, w, prompt)):
+        ids = torch.tensor([list(f.prefix_ids) + list(b.token_ids) + prompt])
+        with torch.no_grad():
+            att = eager(input_ids=ids, output_attentions=True).attentions
+        start, n = len(f.prefix_ids), len(b.token_ids)
+        want = sum(a[0, :, -len(prompt):, start : start + n - w].sum((0, 1)) for a in att)
+        torch.testing.assert_close(s, want, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(s, scores[-1])  # the two windows rank differently
 
 
 @pytest.mark.parametrize("layout", ["parallel", "sequential"])
@@ -137,7 +147,7 @@ def test_int8_answers_like_the_model_s_own_dtype(default_lm):
 
 
 def test_bad_settings_are_one_clear_error(tokenizer):
-    for bad in (dict(keep=0), dict(keep=1.5), dict(bits=4), dict(pool=4), dict(window=0)):
+    for bad in (dict(keep=0), dict(keep=1.5), dict(bits=4), dict(pool=4), dict(window=0), dict(by="query")):
         with pytest.raises(ValueError):
             Compression(**bad)
     with pytest.raises(ValueError, match="does not combine"):

@@ -36,7 +36,7 @@ def bench(
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
     from transformers import AutoTokenizer
 
-    from ..eval.bench import environment, parse_ints, random_lm, sweep
+    from ..eval.bench import environment, parse_ints, random_lm, slopes, sweep
     from ..files import write_json
 
     counts, sizes = parse_ints(branches, "branches"), parse_ints(lengths, "lengths")
@@ -53,7 +53,8 @@ def bench(
         lm = load_model(model, device)
     with steps("cells", len(counts) * len(sizes)) as tick:
         cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick)
-    result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells}
+    result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells,
+              "slopes": slopes(cells)}
     if out:
         write_json(out, result)
     if as_json:
@@ -70,6 +71,11 @@ def bench(
                       f"{c['cache_ttft_s'] * 1000:.0f} ms", f"{c['floor_s'] * 1000:.0f} ms",
                       f"{c['bare_prompt_s'] * 1000:.0f} ms", f"{c['speedup']:.1f}×", f"{100 * c['overhead']:+.1f}%")
     Console().print(table)
+    if result["slopes"]:
+        fit = result["slopes"]
+        Console().print("TTFT growth, ms per 1,000 branch tokens (least squares over the cells): " + ", ".join(
+            f"{route} {fit[route]['ms_per_1k_tokens']:.1f}" for route in ("text", "cache", "floor") if route in fit)
+            + f"; text grows {fit['text_over_cache']:.1f}× faster than cache")
 
 
 @app.command(name="eval")

@@ -24,6 +24,9 @@ def run(
         help="Synthesize once this many workers have finished; the others are cut.")] = None,
     deadline: Annotated[Optional[float], typer.Option(
         help="Seconds of worker decoding after which the finished workers are synthesized and the rest cut.")] = None,
+    fold: Annotated[bool, typer.Option(
+        help="With --quorum or --deadline: after the early answer, let the cut workers finish and synthesize "
+             "again over every branch.")] = False,
     role: Annotated[Optional[list[str]], typer.Option("--role", help="A role instruction per worker (repeat).")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(
         "--branch", help="A ready branch text instead of running workers (repeat).")] = None,
@@ -31,6 +34,10 @@ def run(
     gate: Annotated[Optional[Path], typer.Option(help="Gate file of `parsyn calibrate`, for --route auto.")] = None,
     layout: Annotated[Optional[Layout], typer.Option(
         help="Position layout of the cache route (default: the adapter's, else parallel).")] = None,
+    keep: Annotated[float, typer.Option(
+        help="Cache route: keep this fraction of each branch's tokens, those the synthesizer's prompt attends "
+             "to most (1 keeps all).")] = 1.0,
+    kv_bits: Annotated[Optional[int], typer.Option(help="Cache route: store branch K/V in 8 bits (8).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit for each worker and for the synthesizer.")] = 128,
     temperature: Annotated[float, typer.Option(
         help="Workers' sampling temperature (the synthesizer is greedy).")] = 0.7,
@@ -53,6 +60,11 @@ def run(
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
     synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
     _check_request(question, bool(branch), workers, quorum, deadline)  # cheap checks before the model loads
+    compression = _compression(keep, kv_bits, route)
+    if fold and quorum is None and deadline is None:
+        raise ValueError("--fold folds in the workers a --quorum or --deadline join cut; give one of them")
+    if fold and ray is not None:
+        raise ValueError("--fold needs local workers; with --ray every worker is waited for")
     executor = _executor(ray, ray_actors, model, bool(branch), quorum, deadline)
     chosen_gate = _gate(route, gate)
     lm = load_model(model)
@@ -65,17 +77,29 @@ def run(
     elif executor is not None:
         f = _ray_fork(lm, executor, question, workers, roles, system, worker_sampling, quiet=as_json)
     else:
-        f = _local_fork(lm, question, workers, roles, system, worker_sampling, quorum, deadline, quiet=as_json)
-    results, decision = _synthesize(lm, f, route, layout.value if layout else None, chosen_gate, synth_sampling,
-                                    trained)
+        f = _local_fork(lm, question, workers, roles, system, worker_sampling, quorum, deadline, fold, quiet=as_json)
+    early = f if fold else None
+    f = f.fork if fold else f
+    layout_name = layout.value if layout else None
+    results, decision = _synthesize(lm, f, route, layout_name, chosen_gate, synth_sampling, trained,
+                                    compression=compression)
     if decision is not None and not as_json:
         err.print(f"auto: risk {decision['risk']:.3f} ({decision['signal']}) → {decision['choice']}")
+    if not as_json:
+        _show(f, results, trained=trained is not None)
+    folded = None
+    if early is not None:  # the stragglers decode on after the early answer is out, then a follow-up synthesis
+        with err.status(f"folding in worker(s) {', '.join(str(i + 1) for i in f.cut)}", spinner="dots"):
+            full = early.rest()
+        folded = (full, _synthesize(lm, full, route, layout_name, chosen_gate, synth_sampling, trained,
+                                    compression=compression)[0])
+        if not as_json:
+            out.print(f"[bold]stragglers folded in[/bold]: worker(s) {', '.join(str(i + 1) for i in f.cut)} finished")
+            _show(full, folded[1], trained=trained is not None, only=f.cut)
     if as_json:
         print(json.dumps({**_as_dict(f, results, lm.name), "auto": decision,
-                          "adapter": None if trained is None else adapter if adapter != "auto" else "auto (packaged)"},
-                         indent=2))
-    else:
-        _show(f, results, trained=trained is not None)
+                          "adapter": None if trained is None else adapter if adapter != "auto" else "auto (packaged)",
+                          **({"folded": _as_dict(*folded, lm.name)} if folded else {})}, indent=2))
 
 
 def _check_request(question: str, given: bool, workers: int, quorum: int | None, deadline: float | None) -> None:
@@ -93,16 +117,20 @@ def _check_request(question: str, given: bool, workers: int, quorum: int | None,
         raise ValueError(f"a quorum of {quorum} needs at least {quorum} workers, got --workers {workers}")
 
 
-def _local_fork(lm, question: str, workers, roles, system, sampling, quorum, deadline, *, quiet: bool):
-    """The fork of the workers here, with a live bar per worker; a join's cut workers are named on stderr."""
+def _local_fork(lm, question: str, workers, roles, system, sampling, quorum, deadline, fold: bool, *, quiet: bool):
+    """The fork of the workers here, with a live bar per worker; a join's cut workers are named on stderr.
+    With `fold`, an `Early` fork whose cut workers are suspended, not cut."""
+    from ..stragglers import fork_early
     from ..workers import fork
 
+    start = fork_early if fold else fork
     with _worker_progress(workers, sampling.max_new_tokens, quiet=quiet) as on_token:
-        f = fork(lm, question, workers=workers, roles=roles, system=system, sampling=sampling, on_token=on_token,
-                 quorum=quorum, deadline_s=deadline)
-    if f.cut and not quiet:
-        err.print(f"join: synthesizing {len(f.branches)} of {workers} workers; cut worker(s) "
-                  f"{', '.join(str(i + 1) for i in f.cut)}")
+        f = start(lm, question, workers=workers, roles=roles, system=system, sampling=sampling, on_token=on_token,
+                  quorum=quorum, deadline_s=deadline)
+    cut = f.fork.cut if fold else f.cut
+    if cut and not quiet:
+        err.print(f"join: synthesizing {workers - len(cut)} of {workers} workers; "
+                  f"{'suspended' if fold else 'cut'} worker(s) {', '.join(str(i + 1) for i in cut)}")
     return f
 
 
@@ -136,10 +164,26 @@ def _executor(address: str | None, actors: int, model: str | None, given: bool, 
     return RayExecutor(check_address(address), actors=actors, model=model or default())
 
 
-def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None) -> tuple[dict, dict | None]:
-    """{route name: Synthesis} by the routes asked for, and the auto gate's decision (None without it)."""
+def _compression(keep: float, kv_bits: int | None, route) -> dict:
+    """The compression of --keep / --kv-bits as CacheOptions fields, checked before the model loads."""
+    if keep == 1.0 and kv_bits is None:
+        return {}
+    from ..compress import Compression
+
+    Compression(keep=keep, bits=kv_bits)
+    if route in (Route.text, Route.auto):
+        raise ValueError("--keep and --kv-bits compress the cache route's branches; use --route cache or both")
+    return {"keep": keep, "kv_bits": kv_bits}
+
+
+def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None, *,
+                compression: dict | None = None) -> tuple[dict, dict | None]:
+    """{route name: Synthesis} by the routes asked for, and the auto gate's decision (None without it).
+    `compression`: CacheOptions fields for the cache route (over the synthesizer's own settings)."""
+    import dataclasses
+
     from ..chat import DEFAULT_INSTRUCTION
-    from ..synthesis import synthesize
+    from ..synthesis import settings, synthesize
 
     instruction = instruction or DEFAULT_INSTRUCTION
     if route == Route.auto:
@@ -148,8 +192,9 @@ def _synthesize(lm, f, route, layout, gate, sampling, trained, instruction=None)
         s, decision = synthesize_auto(lm, f, gate, sampling=sampling, synthesizer=trained, instruction=instruction)
         return {"auto": s}, decision
     routes = ["text", "cache"] if route == Route.both else [route.value]
+    options = dataclasses.replace(settings(trained, layout, None)[1], **compression) if compression else None
     return {r: synthesize(lm, f, route=r, layout=layout, sampling=sampling, synthesizer=trained,
-                          instruction=instruction) for r in routes}, None
+                          instruction=instruction, options=options if r == "cache" else None) for r in routes}, None
 
 
 def _gate(route, path: Optional[Path]):
@@ -207,9 +252,13 @@ class _worker_progress:
             self.progress.stop()
 
 
-def _show(f, results, *, trained: bool = False) -> None:
-    for i, b in enumerate(f.branches, 1):
-        title = f"worker {i}" + (f" · {b.role}" if b.role else "") + f" · {len(b.token_ids)} tokens"
+def _show(f, results, *, trained: bool = False, only: tuple[int, ...] | None = None) -> None:
+    """The branches (of workers `only`, when given: those folded in) and the synthesis table."""
+    present = [i for i in range(len(f.branches) + len(f.cut)) if i not in f.cut]  # worker index of each branch
+    for i, b in zip(present, f.branches):
+        if only is not None and i not in only:
+            continue
+        title = f"worker {i + 1}" + (f" · {b.role}" if b.role else "") + f" · {len(b.token_ids)} tokens"
         out.print(Panel(b.text or "(empty)", title=title, title_align="left", border_style="dim"))
     table = Table(title="synthesis", title_justify="left")
     for column in ("route", "answer", "TTFT", "prefilled"):

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..adapter import Synthesizer
@@ -113,6 +114,24 @@ def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: i
             if progress:
                 progress(len(cells), total)
     return cells
+
+
+def slopes(cells: Sequence[dict]) -> dict:
+    """How each route's TTFT grows with the total branch tokens of a sweep: least-squares lines over the
+    timed cells, in ms per 1,000 branch tokens (and the intercept, ms). The floor's slope is what attention
+    over the composed cache costs by itself; a cache slope near it means composing adds no growth."""
+    timed = [c for c in cells if not c.get("skipped")]
+    if len({sum(c["branch_tokens"]) for c in timed}) < 2:
+        return {}
+    x = np.array([sum(c["branch_tokens"]) / 1000 for c in timed])
+    out = {"cells": len(timed)}
+    for route, key in (("text", "text_ttft_s"), ("cache", "cache_ttft_s"), ("floor", "floor_s"),
+                       ("trained", "trained_ttft_s")):
+        if all(key in c for c in timed):
+            slope, intercept = np.polyfit(x, np.array([c[key] * 1000 for c in timed]), 1)
+            out[route] = {"ms_per_1k_tokens": float(slope), "intercept_ms": float(intercept)}
+    out["text_over_cache"] = out["text"]["ms_per_1k_tokens"] / out["cache"]["ms_per_1k_tokens"]
+    return out
 
 
 # Shapes for timing without weights: timing does not depend on weight values.
