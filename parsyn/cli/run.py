@@ -54,22 +54,17 @@ def run(
     ray_actors: Annotated[int, typer.Option(help="Model replicas (Ray actors, one CPU each) for --ray.")] = 2,
 ) -> None:
     """Fork workers on QUESTION, then synthesize their branches by text, by cache, or both."""
+    from ..adapter import resolve
     from ..sampling import SamplingParams
     from ..workers import from_texts
 
     worker_sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
     synth_sampling = SamplingParams(max_new_tokens, 0.0, 1.0, seed)
-    _check_request(question, bool(branch), workers, quorum, deadline)  # cheap checks before the model loads
+    _check_request(question, bool(branch), workers, quorum, deadline, fold, ray)  # before the model loads
     compression = _compression(keep, kv_bits, route)
-    if fold and quorum is None and deadline is None:
-        raise ValueError("--fold folds in the workers a --quorum or --deadline join cut; give one of them")
-    if fold and ray is not None:
-        raise ValueError("--fold needs local workers; with --ray every worker is waited for")
     executor = _executor(ray, ray_actors, model, bool(branch), quorum, deadline)
     chosen_gate = _gate(route, gate)
     lm = load_model(model)
-    from ..adapter import resolve
-
     trained = resolve(lm, adapter)  # a bad adapter is refused before any worker runs
     roles = role or []
     if branch:
@@ -78,32 +73,46 @@ def run(
         f = _ray_fork(lm, executor, question, workers, roles, system, worker_sampling, quiet=as_json)
     else:
         f = _local_fork(lm, question, workers, roles, system, worker_sampling, quorum, deadline, fold, quiet=as_json)
-    early = f if fold else None
-    f = f.fork if fold else f
-    layout_name = layout.value if layout else None
-    results, decision = _synthesize(lm, f, route, layout_name, chosen_gate, synth_sampling, trained,
-                                    compression=compression)
+    label = None if trained is None else adapter if adapter != "auto" else "auto (packaged)"
+    _answer(lm, f, lambda fork: _synthesize(lm, fork, route, layout.value if layout else None, chosen_gate,
+                                            synth_sampling, trained, compression=compression),
+            fold=fold, as_json=as_json, adapter=label)
+
+
+def _answer(lm, f, synthesize, *, fold: bool, as_json: bool, adapter: str | None) -> None:
+    """Synthesize fork `f` and show it (or print JSON); with `fold`, `f` is an `Early` fork: its stragglers
+    then finish and a second synthesis over every branch follows."""
+    early, f = (f, f.fork) if fold else (None, f)
+    results, decision = synthesize(f)
     if decision is not None and not as_json:
         err.print(f"auto: risk {decision['risk']:.3f} ({decision['signal']}) → {decision['choice']}")
     if not as_json:
-        _show(f, results, trained=trained is not None)
+        _show(f, results, trained=adapter is not None)
     folded = None
     if early is not None:  # the stragglers decode on after the early answer is out, then a follow-up synthesis
-        with err.status(f"folding in worker(s) {', '.join(str(i + 1) for i in f.cut)}", spinner="dots"):
+        late = ", ".join(str(i + 1) for i in f.cut)
+        with err.status(f"folding in worker(s) {late}", spinner="dots"):
             full = early.rest()
-        folded = (full, _synthesize(lm, full, route, layout_name, chosen_gate, synth_sampling, trained,
-                                    compression=compression)[0])
+        folded = (full, synthesize(full)[0])
         if not as_json:
-            out.print(f"[bold]stragglers folded in[/bold]: worker(s) {', '.join(str(i + 1) for i in f.cut)} finished")
-            _show(full, folded[1], trained=trained is not None, only=f.cut)
+            out.print(f"[bold]stragglers folded in[/bold]: worker(s) {late} finished")
+            _show(full, folded[1], trained=adapter is not None, only=f.cut)
     if as_json:
-        print(json.dumps({**_as_dict(f, results, lm.name), "auto": decision,
-                          "adapter": None if trained is None else adapter if adapter != "auto" else "auto (packaged)",
+        print(json.dumps({**_as_dict(f, results, lm.name), "auto": decision, "adapter": adapter,
                           **({"folded": _as_dict(*folded, lm.name)} if folded else {})}, indent=2))
 
 
-def _check_request(question: str, given: bool, workers: int, quorum: int | None, deadline: float | None) -> None:
-    """The question, the workers and the join (--quorum, --deadline), checked before the model loads."""
+def _check_fold(fold: bool, quorum: int | None, deadline: float | None, ray: str | None) -> None:
+    if fold and quorum is None and deadline is None:
+        raise ValueError("--fold folds in the workers a --quorum or --deadline join cut; give one of them")
+    if fold and ray is not None:
+        raise ValueError("--fold needs local workers; with --ray every worker is waited for")
+
+
+def _check_request(question: str, given: bool, workers: int, quorum: int | None, deadline: float | None,
+                   fold: bool = False, ray: str | None = None) -> None:
+    """The question, the workers and the join (--quorum, --deadline, --fold), checked before the model loads."""
+    _check_fold(fold, quorum, deadline, ray)
     if not question.strip():
         raise ValueError("the question is empty")
     if not given and workers < 1:
