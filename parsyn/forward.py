@@ -90,9 +90,9 @@ def stack(states: Sequence[State]) -> State:
 
 
 def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict, dtype: torch.dtype,
-                   key_bias: torch.Tensor | None = None):
+                   key_bias: torch.Tensor | None = None, *, always: bool = False):
     """Additive masks [B, 1, q, k] built from logical positions, or None where the model's own causal
-    mask is the same (no padding, no bias, and positions equal storage indices).
+    mask is the same (no padding, no bias, and positions equal storage indices) unless `always`.
 
     A key is visible when it is not padding, not after the query, and inside the layer's window;
     `key_bias` [B, k] is added on visible keys. Returns one tensor, or a dict by layer type when
@@ -102,7 +102,7 @@ def attention_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict
     q = query_pos.shape[1]
     storage = torch.arange(k, device=key_pos.device)
     plain = key_bias is None or not bool(key_bias.any())
-    if plain and bool((key_pos == storage).all()) and bool((query_pos == storage[k - q :]).all()):
+    if not always and plain and bool((key_pos == storage).all()) and bool((query_pos == storage[k - q :]).all()):
         return None
     bias = 0.0 if plain else key_bias[:, None, None, :].to(dtype)
     kp, qp = key_pos[:, None, None, :], query_pos[:, None, :, None]

@@ -165,6 +165,7 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["train", "no/such.jsonl", "run", "--recipe", "nosuch"], "unknown recipe"),
         (["fidelity", "auto", "--data", "x.jsonl", "--probe", "-5"], "--probe must be >= 0"),
         (["bench", "--device", "tpu9"], "not a device"),
+        (["bench", "--graphs"], "needs --device cuda"),
         (["calibrate", "x", "--max-regress", "1.5"], "must be a fraction in [0, 1]"),
         (["calibrate", "no/such/folder"], "no finished evaluation items"),
         (["run", "Why?", "--route", "auto"], "--route auto needs --gate FILE"),

@@ -32,6 +32,8 @@ def bench(
     device: Annotated[str, typer.Option(help="Device for --random-shape (cpu or cuda).")] = "cpu",
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Tokenizer folder for --random-shape (default: the embedded model's).")] = None,
+    graphs: Annotated[bool, typer.Option(
+        help="Also time the cache route with its prompt prefill replayed from CUDA graphs (CUDA only).")] = False,
 ) -> None:
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
     from transformers import AutoTokenizer
@@ -43,6 +45,8 @@ def bench(
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     check_device(device)
+    if graphs and device != "cuda":
+        raise ValueError("--graphs replays CUDA graphs: it needs --device cuda")
     if random_shape:
         if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file():
             raise ValueError(f"--tokenizer: no tokenizer_config.json in '{tokenizer}'")
@@ -52,7 +56,7 @@ def bench(
     else:
         lm = load_model(model, device)
     with steps("cells", len(counts) * len(sizes)) as tick:
-        cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick)
+        cells = sweep(lm, counts, sizes, repeats=repeats, layout=layout, progress=tick, graphs=graphs)
     result = {"command": "parsyn " + " ".join(sys.argv[1:]), "environment": environment(lm), "cells": cells,
               "slopes": slopes(cells)}
     if out:
@@ -60,7 +64,13 @@ def bench(
     if as_json:
         print(json.dumps(cells, indent=2))
         return
-    table = Table(title=f"time to first token ({lm.name}, {layout})", title_justify="left")
+    _show_sweep(result, lm.name, layout)
+
+
+def _show_sweep(result: dict, name: str, layout: str) -> None:
+    """The sweep's table, any CUDA-graphed timings, and how each route's TTFT grows."""
+    cells = result["cells"]
+    table = Table(title=f"time to first token ({name}, {layout})", title_justify="left")
     for column in ("branches", "length", "text", "cache", "floor", "bare prompt", "speed-up", "overhead"):
         table.add_column(column, justify="right")
     for c in cells:
@@ -71,6 +81,11 @@ def bench(
                       f"{c['cache_ttft_s'] * 1000:.0f} ms", f"{c['floor_s'] * 1000:.0f} ms",
                       f"{c['bare_prompt_s'] * 1000:.0f} ms", f"{c['speedup']:.1f}×", f"{100 * c['overhead']:+.1f}%")
     Console().print(table)
+    for c in cells:
+        if "graphed_cache_ttft_s" in c:
+            Console().print(f"{c['branches']} × {c['length']}: CUDA-graphed floor "
+                            f"{c['graphed_floor_s'] * 1000:.1f} ms, cache route "
+                            f"{c['graphed_cache_ttft_s'] * 1000:.1f} ms ({c['graphed_speedup']:.1f}× text)")
     if result["slopes"]:
         fit = result["slopes"]
         Console().print("TTFT growth, ms per 1,000 branch tokens (least squares over the cells): " + ", ".join(

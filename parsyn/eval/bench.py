@@ -18,6 +18,7 @@ import torch
 from ..adapter import Synthesizer
 from ..compose import compose
 from ..forward import prefill_rows
+from ..graphs import GraphedPrefill
 from ..model import LM, wrap
 from ..model import tokenizer as named_tokenizer
 from ..rope import rope_of
@@ -45,24 +46,27 @@ def branch_text(lm: LM, tokens: int) -> str:
     return lm.tokenizer.decode(ids)
 
 
+def timed(work: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    """A timer of `work` (which returns logits): seconds until its next token is known on the host."""
+    def run() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            work().argmax(-1).tolist()  # .tolist() waits for a GPU
+        return time.perf_counter() - t0
+    return run
+
+
 def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: str = "parallel",
-              synthesizer: Synthesizer | None = None) -> dict:
+              synthesizer: Synthesizer | None = None, graphed: GraphedPrefill | None = None) -> dict:
     """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor
     (prefilling only the synthesizer's prompt over an already composed cache) and the same prompt's prefill
     with no context at all (`bare`: floor - bare is what attention over the composed cache costs). With a
     `synthesizer`, also the trained cache route (in the layout it was trained for: the default route) and
-    its overhead above the raw route."""
+    its overhead above the raw route. With `graphed`, also the floor and the raw cache route (composition
+    included) with the prompt's prefill replayed from a CUDA graph (`graphs.GraphedPrefill`)."""
     f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
     prompt_ids = prompt_tokens(lm, f)
     composed = compose(f.prefix, [b.kv for b in f.branches], rope_of(lm.model), layout=layout)
-
-    def timed(work: Callable[[], torch.Tensor]) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                work().argmax(-1).tolist()  # .tolist() waits for a GPU
-            return time.perf_counter() - t0
-        return run
 
     timers = {
         "text": lambda: synthesize(lm, f, route="text", sampling=FIRST_TOKEN).ttft_s,
@@ -70,16 +74,25 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "floor": timed(lambda: prefill_over(lm, composed, prompt_ids).logits),
         "bare": timed(lambda: prefill_rows(lm, [list(prompt_ids)])[1]),
     }
+    if graphed is not None:
+        graphed(composed, prompt_ids)  # the bucket's capture, before any timing
+        timers["graphed_floor"] = timed(lambda: graphed(composed, prompt_ids))
+        rope = rope_of(lm.model)
+        timers["graphed_cache"] = timed(
+            lambda: graphed(compose(f.prefix, [b.kv for b in f.branches], rope, layout=layout), prompt_ids))
     if synthesizer is not None:
         timers["trained"] = lambda: synthesize(lm, f, route="cache", synthesizer=synthesizer,  # its own layout
                                                sampling=FIRST_TOKEN).ttft_s
     times = round_robin(timers, repeats)
     text, cache, low, bare = (statistics.median(times[k]) for k in ("text", "cache", "floor", "bare"))
-    trained = {}
+    extra = {}
+    if graphed is not None:
+        floor_g, cache_g = statistics.median(times["graphed_floor"]), statistics.median(times["graphed_cache"])
+        extra |= {"graphed_floor_s": floor_g, "graphed_cache_ttft_s": cache_g, "graphed_speedup": text / cache_g}
     if synthesizer is not None:
         t = statistics.median(times["trained"])
-        trained = {"trained_layout": synthesizer.layout, "trained_ttft_s": t, "trained_speedup": text / t,
-                   "trained_overhead_vs_raw": (t - cache) / cache}
+        extra |= {"trained_layout": synthesizer.layout, "trained_ttft_s": t, "trained_speedup": text / t,
+                  "trained_overhead_vs_raw": (t - cache) / cache}
     return {
         "branches": branches,
         "length": length,
@@ -94,14 +107,16 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "speedup": text / cache,
         "overhead": (cache - low) / low,
         "overhead_share_of_cache_ttft": (cache - low) / cache,
-        **trained,
+        **extra,
         "repeats": repeats,
     }
 
 
 def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: int = 3, layout: str = "parallel",
-          progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """`ttft_cell` over the grid; cells beyond the model's positions are reported as skipped."""
+          progress: Callable[[int, int], None] | None = None, graphs: bool = False) -> list[dict]:
+    """`ttft_cell` over the grid; cells beyond the model's positions are reported as skipped. graphs: time
+    the cache route's prefill replayed from CUDA graphs too (a CUDA device only)."""
+    graphed = GraphedPrefill(lm, graphs=True) if graphs else None
     cells, total = [], len(branches) * len(lengths)
     for n in branches:
         for length in lengths:
@@ -110,7 +125,7 @@ def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: i
                 cells.append({"branches": n, "length": length,
                               "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
             else:
-                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout))
+                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout, graphed=graphed))
             if progress:
                 progress(len(cells), total)
     return cells
@@ -126,7 +141,7 @@ def slopes(cells: Sequence[dict]) -> dict:
     x = np.array([sum(c["branch_tokens"]) / 1000 for c in timed])
     out = {"cells": len(timed)}
     for route, key in (("text", "text_ttft_s"), ("cache", "cache_ttft_s"), ("floor", "floor_s"),
-                       ("trained", "trained_ttft_s")):
+                       ("trained", "trained_ttft_s"), ("graphed_cache", "graphed_cache_ttft_s")):
         if all(key in c for c in timed):
             slope, intercept = np.polyfit(x, np.array([c[key] * 1000 for c in timed]), 1)
             out[route] = {"ms_per_1k_tokens": float(slope), "intercept_ms": float(intercept)}
