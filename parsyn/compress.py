@@ -104,7 +104,8 @@ def quantize(kv: KV) -> QuantizedKV:
 
 
 def kv_nbytes(kv: KV) -> int:
-    return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values, kv.positions))
+    """Bytes of a KV as stored: keys, values and positions."""
+    return kv.nbytes + kv.positions.numel() * kv.positions.element_size()
 
 
 def window_attention(lm: LM, fork: Fork, window: int, probe: list[int] | None = None) -> list[torch.Tensor]:
@@ -171,24 +172,29 @@ def compress(lm: LM, fork: Fork, c: Compression, prompt_ids: list[int] | None = 
     instruction for the fork's question)."""
     if not c.active:
         return fork
-    if c.keep < 1:
-        for i, b in enumerate(fork.branches):
-            if b.kv.length != len(b.token_ids):
-                raise ValueError(f"branch {i + 1} is already compressed (its K/V hold {b.kv.length} of its "
-                                 f"{len(b.token_ids)} tokens)")
-    if c.keep < 1 and c.by == "prompt" and prompt_ids is None:
-        prompt_ids = list(ChatFormat(lm.tokenizer).synthesis_ids(fork.question, fork.system, DEFAULT_INSTRUCTION))
-    probe = list(prompt_ids) if c.by == "prompt" and c.keep < 1 else None
-    scores = window_attention(lm, fork, c.window, probe) if c.keep < 1 else [torch.zeros(0)] * len(fork.branches)
+    scores = _ranking(lm, fork, c, prompt_ids) if c.keep < 1 else None
     branches = []
-    for b, s in zip(fork.branches, scores):
+    for i, b in enumerate(fork.branches):
         kv = b.kv
-        if c.keep < 1:
-            kv = kv.take(torch.tensor(kept(s, kv.length, c)))
+        if scores is not None:
+            kv = kv.take(torch.tensor(kept(scores[i], kv.length, c)))
         if c.bits == 8:
             kv = quantize(kv).dequantize(kv.keys[0].dtype)
         branches.append(dataclasses.replace(b, kv=kv))
     return dataclasses.replace(fork, branches=tuple(branches))
+
+
+def _ranking(lm: LM, fork: Fork, c: Compression, prompt_ids: list[int] | None) -> list[torch.Tensor]:
+    """Each branch's token scores under `c.by` (see `window_attention`); its K/V must cover its tokens."""
+    for i, b in enumerate(fork.branches):
+        if b.kv.length != len(b.token_ids):
+            raise ValueError(f"branch {i + 1} is already compressed (its K/V hold {b.kv.length} of its "
+                             f"{len(b.token_ids)} tokens)")
+    if c.by == "tail":
+        return window_attention(lm, fork, c.window)
+    if prompt_ids is None:
+        prompt_ids = ChatFormat(lm.tokenizer).synthesis_ids(fork.question, fork.system, DEFAULT_INSTRUCTION)
+    return window_attention(lm, fork, c.window, list(prompt_ids))
 
 
 def stored_bytes(fork: Fork, c: Compression) -> int:

@@ -74,6 +74,11 @@ class KV:
     def with_keys(self, keys: Sequence[torch.Tensor], positions: torch.Tensor) -> KV:
         return KV(tuple(keys), self.values, positions)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values (positions not counted)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
     def take(self, index: slice | torch.Tensor) -> KV:
         """The tokens at `index` (a slice, or a LongTensor of token indices: new tensors) as a KV."""
         if isinstance(index, slice):

@@ -161,7 +161,7 @@ class RayExecutor:
             return self.options.prefix
         if self.rate_Bps is None:
             self.rate_Bps = transfer_rate(actor)
-        size = sum(t.numel() * t.element_size() for kv in plan.prefix_kv for t in kv.keys + kv.values)
+        size = sum(kv.nbytes for kv in plan.prefix_kv)
         return "ship" if size / self.rate_Bps < plan.prefill_s else "recompute"
 
     @property

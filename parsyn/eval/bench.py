@@ -66,7 +66,8 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     included) with the prompt's prefill replayed from a CUDA graph (`graphs.GraphedPrefill`)."""
     f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
     prompt_ids = prompt_tokens(lm, f)
-    composed = compose(f.prefix, [b.kv for b in f.branches], rope_of(lm.model), layout=layout)
+    rope = rope_of(lm.model)
+    composed = compose(f.prefix, [b.kv for b in f.branches], rope, layout=layout)
 
     timers = {
         "text": lambda: synthesize(lm, f, route="text", sampling=FIRST_TOKEN).ttft_s,
@@ -77,7 +78,6 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     if graphed is not None:
         graphed(composed, prompt_ids)  # the bucket's capture, before any timing
         timers["graphed_floor"] = timed(lambda: graphed(composed, prompt_ids))
-        rope = rope_of(lm.model)
         timers["graphed_cache"] = timed(
             lambda: graphed(compose(f.prefix, [b.kv for b in f.branches], rope, layout=layout), prompt_ids))
     if synthesizer is not None:

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..kv import KV
 from ..workers import Fork
 
 REMEMBERED = 4096  # evicted ids kept to say so
@@ -25,13 +24,9 @@ class ForkGone(KeyError):
         return self.args[0]
 
 
-def kv_bytes(kv: KV) -> int:
-    return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
-
-
 def fork_bytes(fork: Fork) -> int:
     """Bytes of a fork's K/V: the prefix and every branch."""
-    return kv_bytes(fork.prefix) + sum(kv_bytes(b.kv) for b in fork.branches)
+    return fork.prefix.nbytes + sum(b.kv.nbytes for b in fork.branches)
 
 
 @dataclass(eq=False)
