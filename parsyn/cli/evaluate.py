@@ -33,7 +33,7 @@ def bench(
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Tokenizer folder for --random-shape (default: the embedded model's).")] = None,
     graphs: Annotated[bool, typer.Option(
-        help="Also time the cache route with its prompt prefill replayed from CUDA graphs (CUDA only).")] = False,
+        help="Also time both routes' prefills and a decode step replayed from CUDA graphs (CUDA only).")] = False,
 ) -> None:
     """Time to first token, text vs cache, over a grid of branch counts and lengths."""
     from transformers import AutoTokenizer

@@ -17,8 +17,8 @@ import torch
 
 from ..adapter import Synthesizer
 from ..compose import compose
-from ..forward import prefill_rows
-from ..graphs import GraphedPrefill
+from ..forward import feed_, prefill_rows
+from ..graphs import GraphedSynthesis, text_context
 from ..model import LM, wrap
 from ..model import tokenizer as named_tokenizer
 from ..rope import rope_of
@@ -57,13 +57,14 @@ def timed(work: Callable[[], torch.Tensor]) -> Callable[[], float]:
 
 
 def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: str = "parallel",
-              synthesizer: Synthesizer | None = None, graphed: GraphedPrefill | None = None) -> dict:
+              synthesizer: Synthesizer | None = None, graphs: bool | None = None) -> dict:
     """Text and cache TTFT for `branches` branches of ~`length` tokens, plus the cache route's floor
     (prefilling only the synthesizer's prompt over an already composed cache) and the same prompt's prefill
     with no context at all (`bare`: floor - bare is what attention over the composed cache costs). With a
     `synthesizer`, also the trained cache route (in the layout it was trained for: the default route) and
-    its overhead above the raw route. With `graphed`, also the floor and the raw cache route (composition
-    included) with the prompt's prefill replayed from a CUDA graph (`graphs.GraphedPrefill`)."""
+    its overhead above the raw route. With `graphs` (True: CUDA graphs; False: the same static forwards run
+    eagerly), also both raw routes and the floor at static shapes (`graphs.GraphedSynthesis`, composition
+    included in the cache route's), and one decode step after the cache route's prompt, plain and static."""
     f = from_texts(lm, "Summarize the findings of the workers.", [branch_text(lm, length)] * branches)
     prompt_ids = prompt_tokens(lm, f)
     rope = rope_of(lm.model)
@@ -75,20 +76,18 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "floor": timed(lambda: prefill_over(lm, composed, prompt_ids).logits),
         "bare": timed(lambda: prefill_rows(lm, [list(prompt_ids)])[1]),
     }
-    if graphed is not None:
-        graphed(composed, prompt_ids)  # the bucket's capture, before any timing
-        timers["graphed_floor"] = timed(lambda: graphed(composed, prompt_ids))
-        timers["graphed_cache"] = timed(
-            lambda: graphed(compose(f.prefix, [b.kv for b in f.branches], rope, layout=layout), prompt_ids))
+    if graphs is not None:
+        timers |= static_timers(lm, f, composed, prompt_ids, layout, graphs, repeats)
     if synthesizer is not None:
         timers["trained"] = lambda: synthesize(lm, f, route="cache", synthesizer=synthesizer,  # its own layout
                                                sampling=FIRST_TOKEN).ttft_s
     times = round_robin(timers, repeats)
     text, cache, low, bare = (statistics.median(times[k]) for k in ("text", "cache", "floor", "bare"))
     extra = {}
-    if graphed is not None:
-        floor_g, cache_g = statistics.median(times["graphed_floor"]), statistics.median(times["graphed_cache"])
-        extra |= {"graphed_floor_s": floor_g, "graphed_cache_ttft_s": cache_g, "graphed_speedup": text / cache_g}
+    if graphs is not None:
+        extra |= {f"{k}_ttft_s" if k in ("graphed_cache", "graphed_text") else f"{k}_s": statistics.median(times[k])
+                  for k in STATIC}
+        extra["graphed_speedup"] = extra["graphed_text_ttft_s"] / extra["graphed_cache_ttft_s"]
     if synthesizer is not None:
         t = statistics.median(times["trained"])
         extra |= {"trained_layout": synthesizer.layout, "trained_ttft_s": t, "trained_speedup": text / t,
@@ -112,11 +111,34 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
     }
 
 
+STATIC = ("graphed_floor", "graphed_cache", "graphed_text", "decode_step", "graphed_decode_step")
+
+
+def static_timers(lm: LM, f: Fork, composed, prompt_ids: list[int], layout: str, graphs: bool, repeats: int) -> dict:
+    """Timers of the static routes (`ttft_cell` with graphs), captured in the warm-up round: the floor, the
+    cache route (composition included), the text route (over the reused prefix: a little less work than
+    the plain text route, which prefills the prefix again), and decode steps after the cache route's
+    prompt, plain (the cache grows in place) and static."""
+    rope = rope_of(lm.model)
+    routes, steps = GraphedSynthesis(lm, graphs=graphs), GraphedSynthesis(lm, graphs=graphs)
+    context, row = text_context(f.prefix, [b.token_ids for b in f.branches], prompt_ids)
+    with torch.inference_mode():
+        state = prefill_over(lm, composed, prompt_ids).state
+        steps.prefill(composed, prompt_ids, room=repeats + 1)
+    return {
+        "graphed_floor": timed(lambda: routes.prefill(composed, prompt_ids)),
+        "graphed_cache": timed(lambda: routes.prefill(
+            compose(f.prefix, [b.kv for b in f.branches], rope, layout=layout), prompt_ids)),
+        "graphed_text": timed(lambda: routes.prefill(context, row)),
+        "decode_step": timed(lambda: feed_(lm, state, [[lm.pad_id]])),
+        "graphed_decode_step": timed(lambda: steps.step(lm.pad_id)),
+    }
+
+
 def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: int = 3, layout: str = "parallel",
           progress: Callable[[int, int], None] | None = None, graphs: bool = False) -> list[dict]:
     """`ttft_cell` over the grid; cells beyond the model's positions are reported as skipped. graphs: time
-    the cache route's prefill replayed from CUDA graphs too (a CUDA device only)."""
-    graphed = GraphedPrefill(lm, graphs=True) if graphs else None
+    both routes' prefills and a decode step replayed from CUDA graphs too (a CUDA device only)."""
     cells, total = [], len(branches) * len(lengths)
     for n in branches:
         for length in lengths:
@@ -125,7 +147,7 @@ def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: i
                 cells.append({"branches": n, "length": length,
                               "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
             else:
-                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout, graphed=graphed))
+                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout, graphs=True if graphs else None))
             if progress:
                 progress(len(cells), total)
     return cells
@@ -141,7 +163,8 @@ def slopes(cells: Sequence[dict]) -> dict:
     x = np.array([sum(c["branch_tokens"]) / 1000 for c in timed])
     out = {"cells": len(timed)}
     for route, key in (("text", "text_ttft_s"), ("cache", "cache_ttft_s"), ("floor", "floor_s"),
-                       ("trained", "trained_ttft_s"), ("graphed_cache", "graphed_cache_ttft_s")):
+                       ("trained", "trained_ttft_s"), ("graphed_cache", "graphed_cache_ttft_s"),
+                       ("graphed_text", "graphed_text_ttft_s"), ("graphed_floor", "graphed_floor_s")):
         if all(key in c for c in timed):
             slope, intercept = np.polyfit(x, np.array([c[key] * 1000 for c in timed]), 1)
             out[route] = {"ms_per_1k_tokens": float(slope), "intercept_ms": float(intercept)}
