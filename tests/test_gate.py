@@ -97,3 +97,33 @@ def test_a_gate_for_a_trained_synthesizer_reads_its_own_doubt_and_never_the_raw_
     gate = G.calibrate(items, 0.0, trained=True)
     assert gate.trained and gate.signal == "confidence" and gate.cache_below == gate.recompute_below
     assert G.replay(items, gate)["chosen"]["recompute"] == 0
+
+
+def test_separation_measures_how_well_a_signal_finds_the_regressions():
+    items = [case(i, i / 100, cache_right=i < 90) for i in range(100)]  # the riskiest ten regress
+    sep = G.separation(items)
+    assert sep["regressions"] == 10 and sep["confidence"]["auc"] == 1.0
+    low, high = sep["confidence"]["auc_ci"]
+    assert low <= 1.0 <= high and low > 0.9
+    blind = [case(i, 0.3, cache_right=i % 10 != 0) for i in range(100)]  # every risk the same: chance
+    assert G.separation(blind)["confidence"]["auc"] == 0.5
+    assert "confidence" not in G.separation([case(0, 0.1, True)])  # no regression: nothing to separate
+
+
+def record(i, seq_top, par_top):
+    first = lambda top: [[top, math.log(0.9)], [top + 1, math.log(0.1)]]  # noqa: E731
+    method = lambda top, score, s=0.1: {"score": score, "ttft_s": s, "first_top": first(top)}  # noqa: E731
+    return {"id": f"r{i}", "task": "t", "methods": {
+        "text": method(5, True, 1.0), "cache-recompute": method(5, True), "cache-parallel": method(5, True),
+        "cache-sequential": method(5, True), "cache-lora-seq": method(seq_top, seq_top == par_top),
+        "cache-lora": method(par_top, True)}}
+
+
+def test_a_trained_gate_reads_the_same_synthesizers_other_layout_where_it_ran():
+    rows = [record(i, 5, 5 if i % 4 else 9) for i in range(40)]  # the two LoRA layouts disagree: it regresses
+    items = G.cases(rows, "cache-lora-seq")
+    assert [c["risk"]["layouts"] > 0.3 for c in items] == [i % 4 == 0 for i in range(40)]
+    gate = G.calibrate(items, 0.0, trained=True, layouts=True)
+    assert gate.signal == "layouts" and G.replay(items, gate)["chosen"] == {"cache": 30, "recompute": 0, "text": 10}
+    assert G.calibrate(items, 0.0, trained=True).signal == "confidence"  # no sibling given: its doubt only
+    assert G.tradeoff(rows, "cache-lora-seq", trained=True)["separation"]["layouts"]["auc"] == 1.0

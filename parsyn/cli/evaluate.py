@@ -225,7 +225,7 @@ def calibrate(
              "cache-parallel).")] = None,
 ) -> None:
     """Calibrate route=auto on an evaluation's items for a regression budget; plot the trade-off."""
-    from ..auto import check_budget
+    from ..auto import SIGNALS, check_budget
 
     check_budget(max_regress)  # before anything is read
     from ..eval import gate as G
@@ -243,7 +243,8 @@ def calibrate(
     trained = cache in TRAINED
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
-    gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model)
+    gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model,
+                       layouts=not trained or cache in G.SIBLING)
     target = out or results / "gate.json"
     gate.save(target)
     tradeoff = G.tradeoff(rows, cache, trained=trained)
@@ -255,6 +256,11 @@ def calibrate(
     err.print(f"gate: {target} ({gate.signal}, cache below {gate.cache_below:.3f}, recompute below "
               f"{gate.recompute_below:.3f}); on all {c['n']} items: accuracy {100 * c['accuracy']:.1f}%, regressions "
               f"{100 * c['regression_rate']:.1f}%, mean TTFT {1000 * c['ttft_mean_s']:.0f} ms, chose {c['chosen']}")
+    sep = tradeoff["separation"]
+    for signal in (s for s in SIGNALS if s in sep):
+        low, high = sep[signal]["auc_ci"]
+        err.print(f"signal {signal}: AUC {sep[signal]['auc']:.2f} [{low:.2f}, {high:.2f}] for the "
+                  f"{sep['regressions']} regressions of {cache} among {sep['items']} items (0.5: chance)")
     for p in tradeoff["points"]:
         print(f"{p['method']:>18}  n={p['n']:<4} accuracy {100 * p['accuracy']:5.1f}%  regressions "
               f"{100 * p['regression_rate']:5.1f}%  mean TTFT {1000 * p['ttft_mean_s']:6.0f} ms")

@@ -15,9 +15,11 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from ..auto import SIGNALS, Gate, check_budget, risk
+from .stats import RESAMPLES
 
 RECOMPUTE = "cache-recompute"
 BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -31,9 +33,18 @@ def half(item_id: str) -> int:
     return hashlib.sha256(item_id.encode()).digest()[0] & 1
 
 
+# A trained method's other layout, the same synthesizer laid out the other way (what `synthesize_auto` runs for
+# the `layouts` signal); methods without one read the raw other layout, and a trained gate then its doubt only.
+SIBLING = {"cache-lora-seq": "cache-lora", "cache-lora": "cache-lora-seq"}
+
+
+def other_layout(cache: str) -> str:
+    return SIBLING.get(cache) or ("cache-sequential" if cache != "cache-sequential" else "cache-parallel")
+
+
 def cases(rows: Sequence[dict], cache: str) -> list[dict]:
     """Per item that ran every method the gate needs: its risks, scores and times by choice."""
-    other = "cache-sequential" if cache != "cache-sequential" else "cache-parallel"
+    other = other_layout(cache)
     need = {cache, other, RECOMPUTE, "text"}
     out = []
     for r in rows:
@@ -68,17 +79,19 @@ def replay(items: Sequence[dict], gate: Gate) -> dict:
             "chosen": chosen}
 
 
-def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model: str = "") -> Gate:
+def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model: str = "",
+              layouts: bool | None = None) -> Gate:
     """The gate with the lowest mean TTFT on `items` whose regression rate stays within `max_regress`
-    (always-text, thresholds 0 and 0, has none, so one always exists)."""
+    (always-text, thresholds 0 and 0, has none, so one always exists). layouts: whether the items' other
+    layout ran the same synthesizer (default: only untrained)."""
     check_budget(max_regress)
     if not items:
         raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
                          f"layouts, {RECOMPUTE}); run `parsyn eval` with them")
     best = None
-    # With a trained synthesizer the other layout and the recomputing route are measured raw, not trained:
-    # such a gate reads its own doubt only and chooses between the cache route and text.
-    for signal in SIGNALS if not trained else ("confidence",):
+    # With a trained synthesizer the recomputing route is measured raw, not trained: such a gate chooses
+    # between the cache route and text, and reads the other layout only where it ran trained too.
+    for signal in SIGNALS if (not trained if layouts is None else layouts) else ("confidence",):
         risks = sorted(c["risk"][signal] for c in items)
         quantiles = {risks[min(len(risks) - 1, round(q * (len(risks) - 1) / CUTS))] for q in range(CUTS + 1)}
         cuts = sorted({0.0, 1.0 + 1e-6, *(r + 1e-9 for r in quantiles)})  # just above a risk: that item passes
@@ -92,10 +105,33 @@ def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model
     return replace(best[1], calibration=best[2])
 
 
+def separation(items: Sequence[dict], *, seed: int = 0) -> dict:
+    """How well each risk signal tells the items the cache route regresses on (text right, cache wrong)
+    from the others: the AUC (0.5: no better than chance; 1: every regression riskier than every other
+    item) with a 95% bootstrap interval. A tight budget is met cheaply only where this is well above 0.5."""
+    bad = np.array([bool(c["score"]["text"]) and not c["score"]["cache"] for c in items])
+    out = {"items": len(items), "regressions": int(bad.sum())}
+    if not 0 < bad.sum() < len(items):
+        return out
+    draws = np.random.default_rng(seed).integers(0, len(items), size=(RESAMPLES, len(items)))
+    for signal in SIGNALS:
+        risks = np.array([c["risk"][signal] for c in items])
+        samples = [_auc(risks[d], bad[d]) for d in draws]
+        low, high = np.nanquantile(samples, [0.025, 0.975])
+        out[signal] = {"auc": _auc(risks, bad), "auc_ci": [float(low), float(high)]}
+    return out
+
+
+def _auc(risks: np.ndarray, bad: np.ndarray) -> float:
+    """P(a regression's risk > another item's), ties counting half (Mann-Whitney)."""
+    diff = risks[bad][:, None] - risks[~bad][None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean()) if diff.size else float("nan")
+
+
 def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
     """Fixed methods and the gate at several budgets, all measured on the held-out half (the gate
     calibrated on the other half): accuracy, regressions and mean TTFT of each."""
-    items = cases(rows, cache)
+    items, layouts = cases(rows, cache), not trained or cache in SIBLING
     calib, held = [c for c in items if half(c["id"]) == 0], [c for c in items if half(c["id"]) == 1]
     held_ids = {c["id"] for c in held}
     points = []
@@ -109,10 +145,11 @@ def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
                            "ttft_mean_s": statistics.mean(m[method]["ttft_s"] for m in got)})
     for budget in BUDGETS:
         if calib and held:
-            gate = calibrate(calib, budget, trained=trained)
+            gate = calibrate(calib, budget, trained=trained, layouts=layouts)
             points.append({"method": f"auto ≤{100 * budget:g}%", "budget": budget, "gate": asdict(gate),
                            **replay(held, gate)})
-    return {"cache_method": cache, "calibration_items": len(calib), "held_out_items": len(held), "points": points}
+    return {"cache_method": cache, "calibration_items": len(calib), "held_out_items": len(held), "points": points,
+            "separation": separation(items)}
 
 
 def pareto_plot(result: dict) -> Figure | None:
