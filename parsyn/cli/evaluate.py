@@ -244,7 +244,7 @@ def calibrate(
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
     gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model,
-                       layouts=not trained or cache in G.SIBLING)
+                       layouts=G.same_synthesizer(cache, trained))
     target = out or results / "gate.json"
     gate.save(target)
     tradeoff = G.tradeoff(rows, cache, trained=trained)

@@ -77,7 +77,7 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
         "bare": timed(lambda: prefill_rows(lm, [list(prompt_ids)])[1]),
     }
     if graphs is not None:
-        timers |= static_timers(lm, f, composed, prompt_ids, layout, graphs, repeats)
+        timers |= static_timers(lm, f, composed, prompt_ids, layout, graphs, repeats, rope)
     if synthesizer is not None:
         timers["trained"] = lambda: synthesize(lm, f, route="cache", synthesizer=synthesizer,  # its own layout
                                                sampling=FIRST_TOKEN).ttft_s
@@ -116,12 +116,12 @@ def ttft_cell(lm: LM, branches: int, length: int, *, repeats: int = 5, layout: s
 STATIC = ("graphed_floor", "graphed_cache", "graphed_text", "decode_step", "graphed_decode_step")
 
 
-def static_timers(lm: LM, f: Fork, composed, prompt_ids: list[int], layout: str, graphs: bool, repeats: int) -> dict:
+def static_timers(lm: LM, f: Fork, composed, prompt_ids: list[int], layout: str, graphs: bool, repeats: int,
+                  rope) -> dict:
     """Timers of the static routes (`ttft_cell` with graphs), captured in the warm-up round: the floor, the
     cache route (composition included), the text route (over the reused prefix: a little less work than
     the plain text route, which prefills the prefix again), and decode steps after the cache route's
     prompt, plain (the cache grows in place) and static."""
-    rope = rope_of(lm.model)
     routes, steps = GraphedSynthesis(lm, graphs=graphs), GraphedSynthesis(lm, graphs=graphs)
     context, row = text_context(f.prefix, [b.token_ids for b in f.branches], prompt_ids)
     with torch.inference_mode():
@@ -149,7 +149,7 @@ def sweep(lm: LM, branches: Sequence[int], lengths: Sequence[int], *, repeats: i
                 cells.append({"branches": n, "length": length,
                               "skipped": f"needs ~{need} positions, model has {lm.max_positions}"})
             else:
-                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout, graphs=True if graphs else None))
+                cells.append(ttft_cell(lm, n, length, repeats=repeats, layout=layout, graphs=graphs or None))
             if progress:
                 progress(len(cells), total)
     return cells

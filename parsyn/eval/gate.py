@@ -42,6 +42,12 @@ def other_layout(cache: str) -> str:
     return SIBLING.get(cache) or ("cache-sequential" if cache != "cache-sequential" else "cache-parallel")
 
 
+def same_synthesizer(cache: str, trained: bool) -> bool:
+    """Whether `cache`'s other layout (`other_layout`) ran the same synthesizer: the `layouts` signal is then
+    what the gate would read."""
+    return not trained or cache in SIBLING
+
+
 def cases(rows: Sequence[dict], cache: str) -> list[dict]:
     """Per item that ran every method the gate needs: its risks, scores and times by choice."""
     other = other_layout(cache)
@@ -131,7 +137,7 @@ def _auc(risks: np.ndarray, bad: np.ndarray) -> float:
 def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
     """Fixed methods and the gate at several budgets, all measured on the held-out half (the gate
     calibrated on the other half): accuracy, regressions and mean TTFT of each."""
-    items, layouts = cases(rows, cache), not trained or cache in SIBLING
+    items, layouts = cases(rows, cache), same_synthesizer(cache, trained)
     calib, held = [c for c in items if half(c["id"]) == 0], [c for c in items if half(c["id"]) == 1]
     held_ids = {c["id"] for c in held}
     points = []
