@@ -6,6 +6,7 @@ so a request gives the same tokens alone or batched, and rows may join and leave
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ NUCLEUS_CANDIDATES = 512
 def row_seed(seed: int, row: int) -> int:
     """The seed of row `row` of a request seeded `seed` (workers, `n` choices): distinct per row."""
     return (seed * 1_000_003 + row) % 2**63
+
+
+def item_seed(seed: int, key: str) -> int:
+    """The seed of one item among many sampled under `seed` (an evaluation's question, a training item),
+    from `seed` and the item's key. With one seed for all, worker i of every item would draw the same
+    random numbers: its choices would move together across items (the same quantile of every item's
+    distribution at each step) instead of being independent draws."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**63
 
 
 def alone_seed(seed: int, row: int) -> int:

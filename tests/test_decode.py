@@ -218,3 +218,11 @@ def test_nucleus_draws_stay_in_the_full_sort_nucleus(peaked):
     gen = torch.Generator().manual_seed(1)
     drawn = {int(draw(logits[None], [params], [gen])[0]) for _ in range(300)}
     assert drawn <= allowed and (drawn == allowed if peaked else len(drawn) > 100)
+
+
+def test_item_seeds_are_stable_and_distinct():
+    from parsyn.sampling import item_seed
+
+    seeds = {item_seed(0, f"item-{i}") for i in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert item_seed(0, "item-1") == item_seed(0, "item-1") != item_seed(1, "item-1")

@@ -198,7 +198,7 @@ def test_methods_decoded_together_answer_as_each_alone(tokenizer):
     """The harness runs every method alone to its first token, then decodes them all in one batch (the
     trained one in its own): the tokens are those each gives alone, its TTFT its own prefill's."""
     from parsyn import adapter as A
-    from parsyn.eval.run import CACHE_METHODS, _syntheses
+    from parsyn.eval.run import CACHE_METHODS, REVERSED, _syntheses
     from parsyn.mapper import MapperConfig
 
     lm = tiny_lm("qwen2", tokenizer)
@@ -210,17 +210,35 @@ def test_methods_decoded_together_answer_as_each_alone(tokenizer):
     methods = [*CACHE_METHODS, *TRAINED]
     together = _syntheses(lm, [((j, m), g) for j, g in enumerate((f, other)) for m in methods], sampling, trained)
     assert [k for k in together] == [(j, m) for j in (0, 1) for m in methods]
-    assert all(together[1, m]["answer"] == synthesize(lm, other, sampling=sampling, **CACHE_METHODS[m]).answer
-               for m in CACHE_METHODS)
+    def given(g, method):  # the fork each method reads: the reversed text route takes the branches backwards
+        return replace(g, branches=g.branches[::-1]) if method in REVERSED else g
+
+    assert all(together[1, m]["answer"] == synthesize(lm, given(other, m), sampling=sampling,
+                                                      **CACHE_METHODS[m]).answer for m in CACHE_METHODS)
     joint = {m: together[0, m] for m in methods}
     for method, got in joint.items():
         keep, layout = TRAINED.get(method, (True, None))
         route = (dict(route="cache", synthesizer=trained if keep else replace(trained, mapper=None), layout=layout)
                  if method in TRAINED else CACHE_METHODS[method])
-        alone = synthesize(lm, f, sampling=sampling, **route)
+        alone = synthesize(lm, given(f, method), sampling=sampling, **route)
         assert got["answer"] == alone.answer, method
         assert got["prefill_tokens"] == alone.prefill_tokens and 0 < got["ttft_s"] <= got["latency_s"]
         assert [i for i, _ in got["first_top"]] == [i for i, _ in alone.first_top]
     assert joint["cache-trained"]["answer"] != joint["cache-parallel"]["answer"]  # the adapter did apply
     assert joint["cache-lora"]["first_top"] != joint["cache-trained"]["first_top"]  # and the mapper was off
+    spans = {m: [p["length"] for p in joint[m]["provenance"] if p["source"] == "branch"] for m in ("text", *REVERSED)}
+    assert spans["text-reversed"] == spans["text"][::-1] != spans["text"]
     A.attach(lm, A.AdapterConfig(lora=False, mapper=MapperConfig()))
+
+
+def test_every_item_samples_its_workers_from_its_own_stream(tokenizer):
+    """Worker i of two items asking the same question draws different tokens (one seed for all made every
+    item's worker pick the same quantile of its distribution at each step); the same item draws the same."""
+    from parsyn.eval.run import evaluate_items
+
+    lm = tiny_lm("llama", tokenizer)
+    config = EvalConfig(tasks=("boolq",), methods=("vote",), **{**SMALL, "worker_tokens": 8})
+    ask = "Is the sky blue?\n\nAnswer yes or no."
+    items = [T.Item(id=name, task="boolq", question=ask, gold=("yes",)) for name in ("a", "b", "a")]
+    texts = [[b["text"] for b in r["branches"]] for r in evaluate_items(lm, items, config, ["vote"], None)]
+    assert texts[0] == texts[2] and texts[0] != texts[1]

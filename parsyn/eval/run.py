@@ -42,7 +42,7 @@ from ..adapter import Synthesizer, resolve
 from ..decode import Batch, Row
 from ..files import Records, read_json, read_records, write_json
 from ..model import LM
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, item_seed
 from ..synthesis import FIRST_TOP, CacheOptions, prepare, top_logprobs
 from ..workers import answer_text, fork, fork_many, from_ids
 from . import stats as S
@@ -50,7 +50,7 @@ from . import tasks as T
 from .bench import environment
 
 METHODS = ("single", "vote", "text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute",
-           "cacheblend", "ape", "relay", "cache-lora", "cache-lora-seq")
+           "cacheblend", "ape", "relay", "cache-lora", "cache-lora-seq", "text-reversed")
 # methods that need the trained synthesizer: (its mapper kept, layout; None: the layout it was trained for)
 TRAINED = {"cache-trained": (True, None), "cache-lora": (False, "parallel"), "cache-lora-seq": (False, "sequential")}
 # (worker tokens, answer tokens) by task kind: room to reason where the task needs it, short answers elsewhere
@@ -62,6 +62,7 @@ APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
 BLEND = CacheOptions(blend=0.15, check_layer=1)
 RECOMPUTE = CacheOptions(recompute=8)
 RELAY = CacheOptions(recompute=8, blend=0.05, check_layer=1)
+WORKER_SEEDS = "per item"  # recorded: evaluations whose workers all shared one seed are not resumed with these
 GROUP = 4  # items of one task evaluated together (their decoding batched; every TTFT is still taken alone)
 
 
@@ -165,7 +166,7 @@ def evaluate_items(lm: LM, items: Sequence[T.Item], config: EvalConfig, methods:
     for item in items:
         questions += [item.question] * (1 + alone)
         roles += [worker_roles(item, config.workers), [None]][: 1 + alone]
-        samplings += [SamplingParams(worker_tokens, config.temperature, 0.95, config.seed),
+        samplings += [SamplingParams(worker_tokens, config.temperature, 0.95, item_seed(config.seed, item.id)),
                       SamplingParams(worker_tokens, 0.0)][: 1 + alone]
     times: dict[int, list[float]] = {}
     t0 = time.perf_counter()
@@ -236,7 +237,11 @@ CACHE_METHODS = {
     "ape": dict(route="cache", layout="parallel", options=APE),
     "cache-recompute": dict(route="cache", layout="parallel", options=RECOMPUTE),
     "relay": dict(route="cache", layout="sequential", options=RELAY),
+    "text-reversed": dict(route="text"),
 }
+# text synthesis again with the branches in the opposite order: an order that means nothing, so its
+# disagreement with text is the reference's own noise, the floor of any paired comparison with it
+REVERSED = {"text-reversed"}
 
 
 def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingParams,
@@ -249,6 +254,8 @@ def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingP
     for key, f in jobs:
         synthesizer, layout = variants.get(key[-1], (None, None))
         route = dict(route="cache", synthesizer=synthesizer, layout=layout) if synthesizer else CACHE_METHODS[key[-1]]
+        if key[-1] in REVERSED:
+            f = dataclasses.replace(f, branches=f.branches[::-1])
         t0 = time.perf_counter()
         ready = prepare(lm, f, max_new_tokens=sampling.max_new_tokens, **route)
         batch = Batch(lm, ready.state, ready.logits, [Row(key, sampling)], adapter=synthesizer)
@@ -342,7 +349,7 @@ def _check_config(path: Path, config: EvalConfig) -> None:
     """Record the settings, or check them against those recorded: all but the methods must be the same (a
     rerun may add methods; the record lists every method run so far)."""
     budgets = {task: config.budget(task) for task in config.tasks}  # what the code's defaults resolve to
-    mine = json.loads(json.dumps({**asdict(config), "budgets": budgets}))
+    mine = json.loads(json.dumps({**asdict(config), "budgets": budgets, "worker_seeds": WORKER_SEEDS}))
     if path.exists():
         have = read_json(path, "evaluation settings")
         if not isinstance(have, dict) or {**have, "methods": None} != {**mine, "methods": None}:

@@ -24,7 +24,7 @@ from ..files import Records, read_json, read_records, write_json
 from ..forward import prefill_rows
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, item_seed
 from ..scoring import contains_answer
 from ..synthesis import text_row
 from ..workers import Fork, answer_text, encode_texts, fork_many
@@ -169,7 +169,8 @@ def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, 
     order.sort(key=lambda s: (s.kind == "workers", sum(len(t) for t in s.texts) + len(s.question)))  # less padding
     out.mkdir(parents=True, exist_ok=True)
     path = out / "items.jsonl"
-    _check_manifest(out / "manifest.json", {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES})
+    _check_manifest(out / "manifest.json", {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES,
+                                            "worker_seeds": "per item"})
     done = {item["id"] for item in read_items(path, on_error="skip")}
     with Records(path) as records:
         for start in range(0, len(order), config.batch):
@@ -186,7 +187,7 @@ def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, 
 def _check_manifest(path: Path, manifest: dict) -> None:
     if path.exists():
         old, new = read_json(path, "data manifest"), json.loads(json.dumps(manifest))
-        if old.get("config") != new["config"] or old.get("model") != new["model"]:
+        if any(old.get(k) != new[k] for k in ("config", "model", "worker_seeds")):
             raise ValueError(f"{path.parent} holds data made with another config or model; use a new folder")
     else:
         write_json(path, manifest)
@@ -197,7 +198,8 @@ def _worker_branches(lm: LM, batch: Sequence[Spec], config: DataConfig) -> dict[
     asked = [spec for spec in batch if spec.kind == "workers"]
     if not asked:
         return {}
-    sampling = SamplingParams(config.worker_tokens, config.worker_temperature, 0.95, config.seed)
+    sampling = [SamplingParams(config.worker_tokens, config.worker_temperature, 0.95, item_seed(config.seed, s.id))
+                for s in asked]  # each item its own random stream
     forks = fork_many(lm, [s.question for s in asked], roles=[list(s.roles) for s in asked], sampling=sampling)
     return {spec.id: f for spec, f in zip(asked, forks)}
 
