@@ -60,6 +60,7 @@ def test_every_method_answers_scores_and_resumes(tmp_path, tokenizer):
     for r in rows:  # the branches' exact tokens are kept, so methods can be run on them again
         assert all(len(b["token_ids"]) == b["tokens"] for b in r["branches"]) and r["prefix_ids"]
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+    assert summary["items"] == {"finished": 4, "total": 4}
     # a killed run: the last line cut short; the rerun finishes it without counting anything twice
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "predictions.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
@@ -242,3 +243,25 @@ def test_every_item_samples_its_workers_from_its_own_stream(tokenizer):
     items = [T.Item(id=name, task="boolq", question=ask, gold=("yes",)) for name in ("a", "b", "a")]
     texts = [[b["text"] for b in r["branches"]] for r in evaluate_items(lm, items, config, ["vote"], None)]
     assert texts[0] == texts[2] and texts[0] != texts[1]
+
+
+def test_a_stopped_run_leaves_the_summary_of_what_it_finished(tmp_path, tokenizer):
+    """The summary is written after every group: stopped after the first, it holds that group's items and
+    says so (CLI title, report warning); the same command then finishes the rest."""
+    from parsyn.eval.report import write_report
+
+    lm = tiny_lm("llama", tokenizer)
+    config = EvalConfig(tasks=("boolq", "facts"), methods=("vote", "text", "cache-sequential"), **SMALL)
+
+    def stop(done, total, task):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(lm, config, tmp_path, progress=stop)
+    partial = json.loads((tmp_path / "summary.json").read_text())
+    assert partial["items"] == {"finished": 2, "total": 4}
+    assert {r["task"] for r in partial["rows"]} == {"boolq", "all"} and all(r["n"] == 2 for r in partial["rows"])
+    assert "<b>Partial</b>: 2 of 4 items" in write_report(tmp_path).read_text()
+    done = run(lm, config, tmp_path)
+    assert done["items"] == {"finished": 4, "total": 4}
+    assert "Partial" not in write_report(tmp_path).read_text()

@@ -99,7 +99,8 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Results folder (resumes if it holds this evaluation).")],
     methods: Annotated[str, typer.Option(help="Methods, comma-separated.")] = ",".join(METHODS),
     limit: Annotated[int, typer.Option(help="Items per task (a deterministic subset by seed).")] = 20,
-    seed: Annotated[int, typer.Option(help="Seed of the subsets and of the workers' sampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and of the workers' sampling (each item's workers "
+                                           "draw from a seed of their own, made from it and the item's id).")] = 0,
     workers: Annotated[int, typer.Option(help="Workers per item.")] = 3,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         help="Token limit of the workers and of every synthesizer (default: by task kind).")] = None,
@@ -182,7 +183,9 @@ def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) 
 
 def print_summary(summary: dict, out: Path) -> None:
     """Accuracy first: with its interval, the paired difference from text, regressions and rescues."""
-    table = Table(title=f"evaluation ({out})", title_justify="left")
+    items = summary.get("items") or {}
+    part = f", {items['finished']} of {items['total']} items" if items.get("finished") != items.get("total") else ""
+    table = Table(title=f"evaluation ({out}{part})", title_justify="left")
     for column in ("task", "method", "n", "accuracy [95% CI]", "vs text [95% CI]", "regr.", "resc.", "agree",
                    "TTFT p50"):
         table.add_column(column)

@@ -36,6 +36,16 @@ def parity(rows: list[dict]) -> dict[str, tuple[int, int]]:
     return {m: (held, seen) for m, (held, seen) in counts.items()}
 
 
+def partial(summary: dict) -> str:
+    """HTML: a warning when the summary holds only part of its evaluation's items (a run still going or
+    stopped; the same command continues it)."""
+    items = summary.get("items")
+    if not isinstance(items, dict) or items.get("finished") == items.get("total"):
+        return ""
+    return (f'<p class="warn"><b>Partial</b>: {html.escape(str(items.get("finished")))} of '
+            f'{html.escape(str(items.get("total")))} items finished; rerun the same command to continue.</p>')
+
+
 def lead(rows: list[dict]) -> str:
     """HTML: a smoke-test warning when any task has fewer than SMOKE items, and the parity count."""
     parts = []

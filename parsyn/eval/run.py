@@ -101,7 +101,8 @@ class EvalConfig:
 
 def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
         progress: Callable[[int, int, str], None] | None = None, shards=None) -> dict:
-    """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json). Items are
+    """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json after every
+    group of items, so a stopped run leaves the summary of what it finished, `items` saying how much). Items are
     taken in turn from each task, so a run stopped early has about as many items of every task.
     shards: None evaluates here; a `parsyn.eval.shard.Shards` evaluates the groups on Ray actors (records
     written as each group finishes; the same records, the same summary)."""
@@ -121,6 +122,7 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     with Records(path) as records:
         for group, fresh in _fresh(lm, todo, config, methods, trained, shards):
             records.extend(r for item, r in zip(group, fresh) if item.id not in done)
+            _summary(lm, config, methods, path, every, command)  # so far: a report can be made at any time
             for item in group:
                 n += 1
                 if progress:
@@ -130,10 +132,17 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
                      and [m for m in methods if m not in done[item.id]["methods"]]]
             if short:
                 records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
-    order = {item.id: k for k, item in enumerate(item for g in every for item in g)}  # as one process writes them
+    return _summary(lm, config, methods, path, every, command)
+
+
+def _summary(lm: LM, config: EvalConfig, methods: Sequence[str], path: Path, every: Sequence[list[T.Item]],
+             command: str) -> dict:
+    """The summary of the items finished so far, written beside `path`: the same whether a run went in one
+    go or was resumed (rows in the order one process writes them); `items` counts finished and total."""
+    order = {item.id: k for k, item in enumerate(item for g in every for item in g)}
     rows = sorted((r for r in read_predictions(path) if r["id"] in order), key=lambda r: order[r["id"]])
-    summary = summarize(rows, config, methods, lm, command)
-    write_json(out / "summary.json", summary)
+    summary = {**summarize(rows, config, methods, lm, command), "items": {"finished": len(rows), "total": len(order)}}
+    write_json(path.parent / "summary.json", summary)
     return summary
 
 
