@@ -137,8 +137,8 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
 
 def _summary(lm: LM, config: EvalConfig, methods: Sequence[str], path: Path, every: Sequence[list[T.Item]],
              command: str) -> dict:
-    """The summary of the items finished so far, written beside `path`: the same whether a run went in one
-    go or was resumed (rows in the order one process writes them); `items` counts finished and total."""
+    """The summary of the items finished so far (rows in the order one process writes them), written beside
+    `path`; `items` counts the finished and all."""
     order = {item.id: k for k, item in enumerate(item for g in every for item in g)}
     rows = sorted((r for r in read_predictions(path) if r["id"] in order), key=lambda r: order[r["id"]])
     summary = {**summarize(rows, config, methods, lm, command), "items": {"finished": len(rows), "total": len(order)}}
@@ -248,9 +248,7 @@ CACHE_METHODS = {
     "relay": dict(route="cache", layout="sequential", options=RELAY),
     "text-reversed": dict(route="text"),
 }
-# text synthesis again with the branches in the opposite order: an order that means nothing, so its
-# disagreement with text is the reference's own noise, the floor of any paired comparison with it
-REVERSED = {"text-reversed"}
+REVERSED = {"text-reversed"}  # text with the branches backwards: an order that means nothing, so text's own noise
 
 
 def _syntheses(lm: LM, jobs: Sequence[tuple[tuple, object]], sampling: SamplingParams,
