@@ -46,6 +46,9 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
+ITEM_SEEDS = "per item"  # recorded by runs that seed each item with item_seed; runs made otherwise are not resumed
+
+
 def item_seed(seed: int, key: str) -> int:
     """The seed of one item among many sampled under `seed` (an evaluation's question, a training item),
     from `seed` and the item's key. With one seed for all, worker i of every item would draw the same

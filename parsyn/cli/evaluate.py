@@ -183,9 +183,10 @@ def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) 
 
 def print_summary(summary: dict, out: Path) -> None:
     """Accuracy first: with its interval, the paired difference from text, regressions and rescues."""
-    items = summary.get("items") or {}
-    part = f", {items['finished']} of {items['total']} items" if items.get("finished") != items.get("total") else ""
-    table = Table(title=f"evaluation ({out}{part})", title_justify="left")
+    from ..eval.headline import unfinished
+
+    part = unfinished(summary)
+    table = Table(title=f"evaluation ({out}{'' if part is None else ', ' + part})", title_justify="left")
     for column in ("task", "method", "n", "accuracy [95% CI]", "vs text [95% CI]", "regr.", "resc.", "agree",
                    "TTFT p50"):
         table.add_column(column)

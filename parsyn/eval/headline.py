@@ -36,14 +36,21 @@ def parity(rows: list[dict]) -> dict[str, tuple[int, int]]:
     return {m: (held, seen) for m, (held, seen) in counts.items()}
 
 
-def partial(summary: dict) -> str:
-    """HTML: a warning when the summary holds only part of its evaluation's items (a run still going or
-    stopped; the same command continues it)."""
+def unfinished(summary: dict) -> str | None:
+    """"N of M items" when the summary holds only part of its evaluation's items (a run still going or
+    stopped; the same command continues it), else None."""
     items = summary.get("items")
     if not isinstance(items, dict) or items.get("finished") == items.get("total"):
+        return None
+    return f"{items.get('finished')} of {items.get('total')} items"
+
+
+def partial(summary: dict) -> str:
+    """HTML: a warning when the summary is `unfinished`."""
+    part = unfinished(summary)
+    if part is None:
         return ""
-    return (f'<p class="warn"><b>Partial</b>: {html.escape(str(items.get("finished")))} of '
-            f'{html.escape(str(items.get("total")))} items finished; rerun the same command to continue.</p>')
+    return f'<p class="warn"><b>Partial</b>: {html.escape(part)} finished; rerun the same command to continue.</p>'
 
 
 def lead(rows: list[dict]) -> str:

@@ -42,7 +42,7 @@ from ..adapter import Synthesizer, resolve
 from ..decode import Batch, Row
 from ..files import Records, read_json, read_records, write_json
 from ..model import LM
-from ..sampling import SamplingParams, item_seed
+from ..sampling import ITEM_SEEDS, SamplingParams, item_seed
 from ..synthesis import FIRST_TOP, CacheOptions, prepare, top_logprobs
 from ..workers import answer_text, fork, fork_many, from_ids
 from . import stats as S
@@ -62,7 +62,6 @@ APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
 BLEND = CacheOptions(blend=0.15, check_layer=1)
 RECOMPUTE = CacheOptions(recompute=8)
 RELAY = CacheOptions(recompute=8, blend=0.05, check_layer=1)
-WORKER_SEEDS = "per item"  # recorded: evaluations whose workers all shared one seed are not resumed with these
 GROUP = 4  # items of one task evaluated together (their decoding batched; every TTFT is still taken alone)
 
 
@@ -356,7 +355,7 @@ def _check_config(path: Path, config: EvalConfig) -> None:
     """Record the settings, or check them against those recorded: all but the methods must be the same (a
     rerun may add methods; the record lists every method run so far)."""
     budgets = {task: config.budget(task) for task in config.tasks}  # what the code's defaults resolve to
-    mine = json.loads(json.dumps({**asdict(config), "budgets": budgets, "worker_seeds": WORKER_SEEDS}))
+    mine = json.loads(json.dumps({**asdict(config), "budgets": budgets, "worker_seeds": ITEM_SEEDS}))
     if path.exists():
         have = read_json(path, "evaluation settings")
         if not isinstance(have, dict) or {**have, "methods": None} != {**mine, "methods": None}:

@@ -24,7 +24,7 @@ from ..files import Records, read_json, read_records, write_json
 from ..forward import prefill_rows
 from ..model import LM
 from ..probe import TRAIN_SEEDS, fact_item
-from ..sampling import SamplingParams, item_seed
+from ..sampling import ITEM_SEEDS, SamplingParams, item_seed
 from ..scoring import contains_answer
 from ..synthesis import text_row
 from ..workers import Fork, answer_text, encode_texts, fork_many
@@ -170,7 +170,7 @@ def generate(lm: LM, out: Path, config: DataConfig, *, progress: Callable[[int, 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "items.jsonl"
     _check_manifest(out / "manifest.json", {"config": asdict(config), "model": lm.name, "splits": SPLIT_RULES,
-                                            "worker_seeds": "per item"})
+                                            "worker_seeds": ITEM_SEEDS})
     done = {item["id"] for item in read_items(path, on_error="skip")}
     with Records(path) as records:
         for start in range(0, len(order), config.batch):
