@@ -265,3 +265,32 @@ def test_a_stopped_run_leaves_the_summary_of_what_it_finished(tmp_path, tokenize
     done = run(lm, config, tmp_path)
     assert done["items"] == {"finished": 4, "total": 4}
     assert "Partial" not in write_report(tmp_path).read_text()
+
+
+def test_a_stopped_rerun_that_adds_methods_leaves_their_summary_so_far(tmp_path, tokenizer, monkeypatch):
+    """A rerun adding a method to finished items writes the summary after every group too, and the report
+    says which methods cover fewer items than the rest."""
+    from parsyn.eval import run as R
+    from parsyn.eval.report import write_report
+
+    lm = tiny_lm("llama", tokenizer)
+    config = EvalConfig(tasks=("boolq", "facts"), methods=("text", "cache-sequential"), **SMALL)
+    run(lm, config, tmp_path)
+    real, calls = R.complete_items, []
+
+    def stop_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "complete_items", stop_after_one)
+    more = EvalConfig(tasks=("boolq", "facts"), methods=("text", "cache-sequential", "cache-parallel"), **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        run(lm, more, tmp_path)
+    partial = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["n"] for r in partial["rows"] if r["method"] == "cache-parallel"] == [2, 2]  # boolq and all
+    assert "<b>Partial</b>: cache-parallel: 2 of 4 items" in write_report(tmp_path).read_text()
+    monkeypatch.setattr(R, "complete_items", real)
+    assert all(r["n"] == 4 for r in run(lm, more, tmp_path)["rows"] if r["task"] == "all")
+    assert "Partial" not in write_report(tmp_path).read_text()

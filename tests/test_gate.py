@@ -127,3 +127,12 @@ def test_a_trained_gate_reads_the_same_synthesizers_other_layout_where_it_ran():
     assert gate.signal == "layouts" and G.replay(items, gate)["chosen"] == {"cache": 30, "recompute": 0, "text": 10}
     assert G.calibrate(items, 0.0, trained=True).signal == "confidence"  # no sibling given: its doubt only
     assert G.tradeoff(rows, "cache-lora-seq", trained=True)["separation"]["layouts"]["auc"] == 1.0
+
+
+def test_a_trained_gate_needs_no_recomputing_route():
+    rows = [record(i, 5, 5 if i % 4 else 9) for i in range(8)]
+    for r in rows[:4]:
+        del r["methods"]["cache-recompute"]  # added to only some items, as a rerun adding methods leaves them
+    assert len(G.cases(rows, "cache-lora-seq", trained=True)) == 8
+    assert len(G.cases(rows, "cache-parallel")) == 4  # an untrained gate may recompute: it needs the route
+    assert "recompute" not in G.cases(rows, "cache-lora-seq", trained=True)[0]["score"]

@@ -247,7 +247,7 @@ def calibrate(
     trained = cache in TRAINED
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
-    gate = G.calibrate(G.cases(rows, cache), max_regress, trained=trained, model=model,
+    gate = G.calibrate(G.cases(rows, cache, trained=trained), max_regress, trained=trained, model=model,
                        layouts=G.same_synthesizer(cache, trained))
     target = out or results / "gate.json"
     gate.save(target)

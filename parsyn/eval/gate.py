@@ -48,10 +48,13 @@ def same_synthesizer(cache: str, trained: bool) -> bool:
     return not trained or cache in SIBLING
 
 
-def cases(rows: Sequence[dict], cache: str) -> list[dict]:
-    """Per item that ran every method the gate needs: its risks, scores and times by choice."""
+def cases(rows: Sequence[dict], cache: str, *, trained: bool = False) -> list[dict]:
+    """Per item that ran every method the gate needs: its risks, scores and times by choice. A trained
+    gate never recomputes (see `calibrate`), so its items need no recomputing route."""
     other = other_layout(cache)
-    need = {cache, other, RECOMPUTE, "text"}
+    need = {cache, other, "text"} | (set() if trained else {RECOMPUTE})
+    choices = ("cache", "text") if trained else ("cache", "recompute", "text")
+    method = {"cache": cache, "recompute": RECOMPUTE, "text": "text"}
     out = []
     for r in rows:
         m = r["methods"]
@@ -60,10 +63,8 @@ def cases(rows: Sequence[dict], cache: str) -> list[dict]:
         out.append({"id": r["id"], "task": r["task"],
                     "risk": {"confidence": risk(m[cache]["first_top"]),
                              "layouts": risk(m[cache]["first_top"], m[other]["first_top"])},
-                    "score": {"cache": m[cache]["score"], "recompute": m[RECOMPUTE]["score"],
-                              "text": m["text"]["score"]},
-                    "ttft": {"cache": m[cache]["ttft_s"], "other": m[other]["ttft_s"],
-                             "recompute": m[RECOMPUTE]["ttft_s"], "text": m["text"]["ttft_s"]}})
+                    "score": {c: m[method[c]]["score"] for c in choices},
+                    "ttft": {"other": m[other]["ttft_s"]} | {c: m[method[c]]["ttft_s"] for c in choices}})
     return out
 
 
@@ -93,7 +94,8 @@ def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model
     check_budget(max_regress)
     if not items:
         raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
-                         f"layouts, {RECOMPUTE}); run `parsyn eval` with them")
+                         f"layouts and, for a gate without a trained synthesizer, {RECOMPUTE}); run `parsyn eval` "
+                         "with them")
     best = None
     # With a trained synthesizer the recomputing route is measured raw, not trained: such a gate chooses
     # between the cache route and text, and reads the other layout only where it ran trained too.
@@ -137,7 +139,7 @@ def _auc(risks: np.ndarray, bad: np.ndarray) -> float:
 def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
     """Fixed methods and the gate at several budgets, all measured on the held-out half (the gate
     calibrated on the other half): accuracy, regressions and mean TTFT of each."""
-    items, layouts = cases(rows, cache), same_synthesizer(cache, trained)
+    items, layouts = cases(rows, cache, trained=trained), same_synthesizer(cache, trained)
     calib, held = [c for c in items if half(c["id"]) == 0], [c for c in items if half(c["id"]) == 1]
     held_ids = {c["id"] for c in held}
     points = []

@@ -37,12 +37,20 @@ def parity(rows: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def unfinished(summary: dict) -> str | None:
-    """"N of M items" when the summary holds only part of its evaluation's items (a run still going or
-    stopped; the same command continues it), else None."""
+    """"N of M items" when the summary holds only part of its evaluation's items, or "METHOD: N of M items"
+    for methods a rerun is still adding to finished items (a run still going or stopped; the same command
+    continues it), else None."""
     items = summary.get("items")
-    if not isinstance(items, dict) or items.get("finished") == items.get("total"):
+    if not isinstance(items, dict):
         return None
-    return f"{items.get('finished')} of {items.get('total')} items"
+    if items.get("finished") != items.get("total"):
+        return f"{items.get('finished')} of {items.get('total')} items"
+    counts: dict[str, int] = {}
+    for r in summary.get("rows", []):
+        if r["task"] != "all":
+            counts[r["method"]] = counts.get(r["method"], 0) + r["n"]
+    short = [f"{m}: {n} of {items['total']} items" for m, n in counts.items() if n < items["total"]]
+    return "; ".join(short) or None
 
 
 def partial(summary: dict) -> str:

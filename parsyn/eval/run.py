@@ -112,8 +112,7 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     items = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
     _check_config(out / "config.json", config)
     path = out / "predictions.jsonl"
-    done = {r["id"]: r for r in read_predictions(path)}
-    every = list(groups(items, len(config.tasks)))
+    done, every = {r["id"]: r for r in read_predictions(path)}, list(groups(items, len(config.tasks)))
     todo = [g for g in every if any(item.id not in done for item in g)]  # a group runs whole, so its numbers
     n = sum(len(g) for g in every) - sum(len(g) for g in todo)               # never depend on where a run stopped
     if progress and n:
@@ -131,6 +130,7 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
                      and [m for m in methods if m not in done[item.id]["methods"]]]
             if short:
                 records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
+                _summary(lm, config, methods, path, every, command)  # methods added so far, as above
     return _summary(lm, config, methods, path, every, command)
 
 
