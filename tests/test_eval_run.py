@@ -291,6 +291,10 @@ def test_a_stopped_rerun_that_adds_methods_leaves_their_summary_so_far(tmp_path,
     partial = json.loads((tmp_path / "summary.json").read_text())
     assert [r["n"] for r in partial["rows"] if r["method"] == "cache-parallel"] == [2, 2]  # boolq and all
     assert "<b>Partial</b>: cache-parallel: 2 of 4 items" in write_report(tmp_path).read_text()
+    assert partial["chance"] == {"boolq": 0.5, "facts": 0.0, "all": 0.25}  # a guess: yes or no; a written span
     monkeypatch.setattr(R, "complete_items", real)
-    assert all(r["n"] == 4 for r in run(lm, more, tmp_path)["rows"] if r["task"] == "all")
+    seen = []
+    done = run(lm, more, tmp_path, progress=lambda *step: seen.append(step))
+    assert all(r["n"] == 4 for r in done["rows"] if r["task"] == "all")
+    assert seen[-1] == (2, 2, R.ADDING)  # the facts items still lacked the method: the rerun shows it adding them
     assert "Partial" not in write_report(tmp_path).read_text()

@@ -198,3 +198,13 @@ def test_facts_items_spread_their_facts_over_workers_and_stay_out_of_training_an
         assert seed in P.PROBE_SEEDS and seed not in P.TRAIN_SEEDS and item.id not in probe
         assert 2 <= len(item.evidence) <= 4 and sum(item.gold[0] in e for e in item.evidence) >= 1
         assert T.score(item, f"It is {item.gold[0]}.") and not T.score(item, "I do not know.")
+
+
+def test_chance_is_a_uniform_guess_per_task_and_pooled():
+    from parsyn.eval.summary import chance
+
+    items = [*T.load("mmlu", limit=4), *T.load("medqa", limit=2), *T.load("boolq", limit=2), *T.load("gsm8k", limit=2)]
+    assert {len(i.choices) for i in items if i.task == "mmlu"} == {4} and {len(i.choices) for i in items[4:6]} == {5}
+    levels = chance(items)
+    assert levels == pytest.approx({"mmlu": 0.25, "medqa": 0.2, "boolq": 0.5, "gsm8k": 0.0,
+                                    "all": (4 * 0.25 + 2 * 0.2 + 2 * 0.5) / 10})

@@ -172,5 +172,12 @@ def test_the_report_leads_with_accuracy_intervals_and_paired_differences(tmp_pat
     page = write_report(tmp_path).read_text()
     assert "Smoke test" in page and "mmlu" in page.split("Smoke test")[1].split("</p>")[0]  # 20 items < 30
     assert "gsm8k" not in page.split("Smoke test")[1].split("</p>")[0]  # 40 items is not a smoke test
-    assert "cache-trained: 1 of 2" in page  # gsm8k at parity (the same answers), mmlu far below
+    assert "cache-trained: 1 of 2</li>" in page  # gsm8k at parity (the same answers), mmlu far below
     assert "+0.0 [+0.0, +0.0]" in page and "-50.0 [" in page and (tmp_path / "vs-text.png").is_file()
+    assert "At chance" not in page  # a summary without chance levels warns of nothing
+    # text at 50% on 20 two-way items reaches down to a coin's 50%; at 50% of 40 written answers it is above 0
+    write(tmp_path / "summary.json", {**summary(), "rows": rows, "chance": {"gsm8k": 0.0, "mmlu": 0.5, "all": 0.25}})
+    page = write_report(tmp_path).read_text()
+    warning = page.split("At chance")[1].split("</p>")[0]
+    assert "mmlu (50%)" in warning and "gsm8k" not in warning
+    assert "cache-trained: 1 of 2 (1 of 1 where text is above chance)" in page

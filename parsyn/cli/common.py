@@ -89,17 +89,18 @@ def names(text: str) -> tuple[str, ...]:
 
 
 class steps:
-    """A progress bar for a counted job; yields tick(done, total)."""
+    """A progress bar for a counted job; yields tick(done, total, what=None), `what` relabelling the bar."""
 
     def __init__(self, what: str, total: int):
         self.what, self.total = what, total
 
     def __enter__(self):
-        self.progress = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err)
         task = self.progress.add_task(self.what, total=self.total)
         self.progress.start()
-        return lambda done, total: self.progress.update(task, completed=done, total=total)
+        return lambda done, total, what=None: self.progress.update(task, completed=done, total=total,
+                                                                   description=what or self.what)
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()

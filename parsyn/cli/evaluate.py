@@ -120,7 +120,7 @@ def evaluate(
         if ray is not None:
             raise ValueError("--ray shards the item evaluation; agentic tasks run in one process")
         return _agentic(names(tasks), out, limit, seed, workers, max_turns, adapter, model)
-    from ..eval.run import EvalConfig
+    from ..eval.run import ADDING, EvalConfig
     from ..eval.run import run as run_eval
 
     config = EvalConfig(tasks=names(tasks), methods=names(methods), limit=limit, seed=seed, workers=workers,
@@ -134,7 +134,8 @@ def evaluate(
                     f"{out / 'predictions.jsonl'}; run the same command to resume")
     with resumable(kept), steps("items", 1) as tick, shards or nullcontext():
         summary = run_eval(lm, config, out, command="parsyn " + " ".join(sys.argv[1:]),
-                           progress=lambda done, n, task: tick(done, n), shards=shards)
+                           progress=lambda done, n, what: tick(done, n, what if what == ADDING else None),
+                           shards=shards)
     print_summary(summary, out)
 
 
@@ -183,7 +184,7 @@ def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) 
 
 def print_summary(summary: dict, out: Path) -> None:
     """Accuracy first: with its interval, the paired difference from text, regressions and rescues."""
-    from ..eval.headline import unfinished
+    from ..eval.headline import at_chance, unfinished
 
     part = unfinished(summary)
     table = Table(title=f"evaluation ({out}{'' if part is None else ', ' + part})", title_justify="left")
@@ -202,6 +203,10 @@ def print_summary(summary: dict, out: Path) -> None:
                       "—" if r["agreement"] is None else f"{pct(r['agreement'])}%",
                       f"{r['ttft_median_s'] * 1000:.0f} ms")
     Console().print(table)
+    luck = at_chance(summary["rows"], summary.get("chance"))
+    if luck:
+        named = ", ".join(f"{task} ({100 * level:.0f}%)" for task, level in luck.items())
+        Console().print(f"at chance (text synthesis not above a uniform guess): {named}")
 
 
 @app.command()

@@ -26,14 +26,25 @@ def flat(row: dict) -> dict:
     return out
 
 
-def parity(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    """Per method: (tasks where its paired interval's low end is at or above PARITY, tasks compared)."""
+def parity(rows: list[dict], among: set[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Per method: (tasks where its paired interval's low end is at or above PARITY, tasks compared), counting
+    only the tasks in `among` when given."""
     counts: dict[str, list[int]] = {}
     for r in rows:
-        if r["task"] != "all" and r.get("vs_text"):
+        if r["task"] != "all" and r.get("vs_text") and (among is None or r["task"] in among):
             held, seen = counts.setdefault(r["method"], [0, 0])
             counts[r["method"]] = [held + (r["vs_text"]["diff_ci"][0] >= PARITY), seen + 1]
     return {m: (held, seen) for m, (held, seen) in counts.items()}
+
+
+def at_chance(rows: list[dict], chance: dict[str, float] | None) -> dict[str, float]:
+    """Tasks (with their chance level) where text synthesis's 95% interval reaches down to a uniform guess:
+    there every method's accuracy is mostly luck, and a comparison says whether a method passes the branches'
+    answers on, not whether it answers well."""
+    chance = chance or {}
+    return {r["task"]: chance[r["task"]] for r in rows
+            if r["method"] == "text" and r["task"] != "all" and r["task"] in chance
+            and r["accuracy_ci"][0] <= chance[r["task"]]}
 
 
 def unfinished(summary: dict) -> str | None:
@@ -61,16 +72,26 @@ def partial(summary: dict) -> str:
     return f'<p class="warn"><b>Partial</b>: {html.escape(part)} finished; rerun the same command to continue.</p>'
 
 
-def lead(rows: list[dict]) -> str:
-    """HTML: a smoke-test warning when any task has fewer than SMOKE items, and the parity count."""
+def lead(rows: list[dict], chance: dict[str, float] | None = None) -> str:
+    """HTML: a smoke-test warning when any task has fewer than SMOKE items, a warning naming the tasks where
+    text synthesis is not above chance, and the parity count (also over the other tasks alone)."""
     parts = []
     small = sorted({r["task"] for r in rows if r["task"] != "all" and r["n"] < SMOKE})
     if small:
         parts.append(f'<p class="warn"><b>Smoke test</b>: fewer than {SMOKE} items on '
                      f"{html.escape(', '.join(small))}; these figures show the harness, not a result.</p>")
+    luck = at_chance(rows, chance)
+    if luck:
+        named = ", ".join(f"{task} ({100 * level:.0f}%)" for task, level in luck.items())
+        parts.append(f'<p class="warn"><b>At chance</b>: text synthesis is not above a uniform guess on '
+                     f"{html.escape(named)}. There a method's accuracy is mostly luck; its comparison with text "
+                     "says whether it passes the branches' answers on, not whether it answers well.</p>")
     counts = parity(rows)
     if counts:
-        items = "".join(f"<li>{html.escape(m)}: {held} of {seen}</li>" for m, (held, seen) in counts.items())
+        above = parity(rows, {r["task"] for r in rows if r["task"] != "all"} - set(luck)) if luck else {}
+        items = "".join(f"<li>{html.escape(m)}: {held} of {seen}"
+                        + (f" ({above[m][0]} of {above[m][1]} where text is above chance)" if m in above else "")
+                        + "</li>" for m, (held, seen) in counts.items())
         parts.append(f"<p>Tasks where a method is at least as accurate as text synthesis (paired 95% interval "
                      f"of the difference not below {100 * PARITY:+.0f} points):</p><ul>{items}</ul>")
     return "\n".join(parts)

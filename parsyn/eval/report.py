@@ -269,7 +269,8 @@ def _html(summary: dict, benches: list[dict], pngs: list[Path]) -> str:
     if config:
         parts.append("<h2>Configuration</h2>" + _table((("key", "key", None), ("value", "value", None)),
                                                         [{"key": k, "value": v} for k, v in config.items()]))
-    parts.append("<h2>Results by task and method</h2>" + H.partial(summary) + H.lead(summary["rows"])
+    parts.append("<h2>Results by task and method</h2>" + H.partial(summary)
+                 + H.lead(summary["rows"], summary.get("chance"))
                  + _table(SUMMARY_COLUMNS, [H.flat(r) for r in summary["rows"]]))
     for one in benches:
         cells = [{**c, "speedup": _speedup(c), "total_tokens": _total_tokens(c)} for c in one["cells"]]

@@ -32,7 +32,6 @@ import dataclasses
 import itertools
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -45,9 +44,9 @@ from ..model import LM
 from ..sampling import ITEM_SEEDS, SamplingParams, item_seed
 from ..synthesis import FIRST_TOP, CacheOptions, prepare, top_logprobs
 from ..workers import answer_text, fork, fork_many, from_ids
-from . import stats as S
 from . import tasks as T
 from .bench import environment
+from .summary import chance, summarize
 
 METHODS = ("single", "vote", "text", "cache-parallel", "cache-sequential", "cache-trained", "cache-recompute",
            "cacheblend", "ape", "relay", "cache-lora", "cache-lora-seq", "text-reversed")
@@ -62,6 +61,7 @@ APE = CacheOptions(temperature=0.9, branch_bias=math.log(0.8))
 BLEND = CacheOptions(blend=0.15, check_layer=1)
 RECOMPUTE = CacheOptions(recompute=8)
 RELAY = CacheOptions(recompute=8, blend=0.05, check_layer=1)
+ADDING = "adding methods"  # what `progress` reports while a rerun adds methods to finished items
 GROUP = 4  # items of one task evaluated together (their decoding batched; every TTFT is still taken alone)
 
 
@@ -103,6 +103,7 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
     """Evaluate (or resume) into `out`; returns the summary (also written to out/summary.json after every
     group of items, so a stopped run leaves the summary of what it finished, `items` saying how much). Items are
     taken in turn from each task, so a run stopped early has about as many items of every task.
+    progress(done, total, what): what is the item's task, then ADDING while methods are added to finished items.
     shards: None evaluates here; a `parsyn.eval.shard.Shards` evaluates the groups on Ray actors (records
     written as each group finishes; the same records, the same summary)."""
     out = Path(out)
@@ -125,12 +126,15 @@ def run(lm: LM, config: EvalConfig, out: Path, *, command: str = "",
                 n += 1
                 if progress:
                     progress(n, len(items), item.task)
-        for group in every:
-            short = [item for item in group if item.id in done and "prefix_ids" in done[item.id]
-                     and [m for m in methods if m not in done[item.id]["methods"]]]
-            if short:
-                records.extend(complete_items(lm, short, [done[i.id] for i in short], config, methods, trained))
-                _summary(lm, config, methods, path, every, command)  # methods added so far, as above
+        short = [[item for item in group if item.id in done and "prefix_ids" in done[item.id]
+                  and set(methods) - set(done[item.id]["methods"])] for group in every]
+        added, adding = 0, sum(map(len, short))
+        for group in filter(None, short):
+            records.extend(complete_items(lm, group, [done[i.id] for i in group], config, methods, trained))
+            _summary(lm, config, methods, path, every, command)  # methods added so far, as above
+            added += len(group)
+            if progress:
+                progress(added, adding, ADDING)
     return _summary(lm, config, methods, path, every, command)
 
 
@@ -140,7 +144,8 @@ def _summary(lm: LM, config: EvalConfig, methods: Sequence[str], path: Path, eve
     `path`; `items` counts the finished and all."""
     order = {item.id: k for k, item in enumerate(item for g in every for item in g)}
     rows = sorted((r for r in read_predictions(path) if r["id"] in order), key=lambda r: order[r["id"]])
-    summary = {**summarize(rows, config, methods, lm, command), "items": {"finished": len(rows), "total": len(order)}}
+    summary = {**summarize(rows, config, methods, environment(lm), command),
+               "items": {"finished": len(rows), "total": len(order)}, "chance": chance(i for g in every for i in g)}
     write_json(path.parent / "summary.json", summary)
     return summary
 
@@ -363,37 +368,3 @@ def _check_config(path: Path, config: EvalConfig) -> None:
                              "use the same ones to resume or a new folder")
         mine["methods"] = list(dict.fromkeys([*have.get("methods", []), *mine["methods"]]))
     write_json(path, mine)
-
-
-def summarize(rows: Sequence[dict], config: EvalConfig, methods: Sequence[str], lm: LM, command: str) -> dict:
-    """One row per (task, method): accuracy with its interval, then the paired comparison with text
-    synthesis on the same items (difference, regressions, rescues), agreement, TTFT and prefill."""
-    table = []
-    groups = [(task, [r for r in rows if r["task"] == task]) for task in config.tasks]
-    if len(config.tasks) > 1:
-        groups.append(("all", list(rows)))  # every item counts once, whatever its task
-    for task, mine in groups:
-        for method in methods:
-            got = [r["methods"][method] for r in mine if method in r["methods"]]
-            if got:
-                table.append({"task": task, "method": method, **_row(mine, method, got)})
-    return {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "environment": environment(lm), "config": asdict(config), "rows": table}
-
-
-def _row(items: Sequence[dict], method: str, got: Sequence[dict]) -> dict:
-    row = {**S.accuracy([bool(g["score"]) for g in got]), "smoke": len(got) < S.SMOKE}
-    both = [r["methods"] for r in items if method in r["methods"] and "text" in r["methods"]]
-    if method != "text" and both:
-        row["vs_text"] = S.paired([bool(m[method]["score"]) for m in both], [bool(m["text"]["score"]) for m in both])
-    agree = [g["agrees"] for g in got if g.get("agrees") is not None]
-    same = [g["identical"] for g in got if g.get("identical") is not None]
-    ttft = sorted(g["ttft_s"] for g in got)
-    return {**row,
-            "agreement": sum(agree) / len(agree) if agree else None,
-            "identical": sum(same) / len(same) if same else None,
-            "ttft_median_s": statistics.median(ttft),
-            "ttft_mean_s": statistics.mean(ttft),
-            "ttft_p90_s": ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
-            "prefill_tokens_mean": statistics.mean(g["prefill_tokens"] for g in got),
-            "latency_median_s": statistics.median(g["latency_s"] for g in got)}
