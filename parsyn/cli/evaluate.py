@@ -184,7 +184,7 @@ def _agentic(tasks, out: Path, limit, seed, workers, max_turns, adapter, model) 
 
 def print_summary(summary: dict, out: Path) -> None:
     """Accuracy first: with its interval, the paired difference from text, regressions and rescues."""
-    from ..eval.headline import at_chance, unfinished
+    from ..eval.headline import at_chance, levels, unfinished
 
     part = unfinished(summary)
     table = Table(title=f"evaluation ({out}{'' if part is None else ', ' + part})", title_justify="left")
@@ -205,8 +205,7 @@ def print_summary(summary: dict, out: Path) -> None:
     Console().print(table)
     luck = at_chance(summary["rows"], summary.get("chance"))
     if luck:
-        named = ", ".join(f"{task} ({100 * level:.0f}%)" for task, level in luck.items())
-        Console().print(f"at chance (text synthesis not above a uniform guess): {named}")
+        Console().print(f"at chance (text synthesis not above a uniform guess): {levels(luck)}")
 
 
 @app.command()

@@ -47,6 +47,11 @@ def at_chance(rows: list[dict], chance: dict[str, float] | None) -> dict[str, fl
             and r["accuracy_ci"][0] <= chance[r["task"]]}
 
 
+def levels(named: dict[str, float]) -> str:
+    """"task (25%), ..." for tasks with their chance levels, as `at_chance` gives them."""
+    return ", ".join(f"{task} ({100 * level:.0f}%)" for task, level in named.items())
+
+
 def unfinished(summary: dict) -> str | None:
     """"N of M items" when the summary holds only part of its evaluation's items, or "METHOD: N of M items"
     for methods a rerun is still adding to finished items (a run still going or stopped; the same command
@@ -82,9 +87,8 @@ def lead(rows: list[dict], chance: dict[str, float] | None = None) -> str:
                      f"{html.escape(', '.join(small))}; these figures show the harness, not a result.</p>")
     luck = at_chance(rows, chance)
     if luck:
-        named = ", ".join(f"{task} ({100 * level:.0f}%)" for task, level in luck.items())
         parts.append(f'<p class="warn"><b>At chance</b>: text synthesis is not above a uniform guess on '
-                     f"{html.escape(named)}. There a method's accuracy is mostly luck; its comparison with text "
+                     f"{html.escape(levels(luck))}. There a method's accuracy is mostly luck; its comparison with text "
                      "says whether it passes the branches' answers on, not whether it answers well.</p>")
     counts = parity(rows)
     if counts:
