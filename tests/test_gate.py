@@ -136,3 +136,17 @@ def test_a_trained_gate_needs_no_recomputing_route():
     assert len(G.cases(rows, "cache-lora-seq", trained=True)) == 8
     assert len(G.cases(rows, "cache-parallel")) == 4  # an untrained gate may recompute: it needs the route
     assert "recompute" not in G.cases(rows, "cache-lora-seq", trained=True)[0]["score"]
+
+
+def test_a_gate_no_faster_than_text_on_held_out_items_is_flagged():
+    blind = [record(i, 5, 5) for i in range(80)]  # every risk the same, and one item in five regresses
+    for row in blind[::5]:
+        row["methods"]["cache-lora-seq"]["score"] = False
+    result = G.tradeoff(blind, "cache-lora-seq", trained=True, budgets=(0.0, 0.03, 0.5))
+    assert [p["budget"] for p in result["points"] if "budget" in p] == [0.0, 0.03, 0.5]
+    slow = G.no_faster(result, 0.03)  # only always-text keeps the budget: the cache route tried first costs extra
+    assert slow["chosen"]["cache"] == 0 and slow["ttft_mean_s"] > slow["text_ttft_mean_s"] == 1.0
+    assert G.no_faster(result, 0.5) is None  # a budget above the 20% rate: always the cache route
+    seen = [record(i, 5, 5 if i % 4 else 9) for i in range(80)]  # the layouts' disagreement finds every regression
+    assert G.no_faster(G.tradeoff(seen, "cache-lora-seq", trained=True, budgets=(0.0,)), 0.0) is None
+    assert G.no_faster(result, 0.07) is None  # a budget not measured

@@ -255,7 +255,7 @@ def calibrate(
                        layouts=G.same_synthesizer(cache, trained))
     target = out or results / "gate.json"
     gate.save(target)
-    tradeoff = G.tradeoff(rows, cache, trained=trained)
+    tradeoff = G.tradeoff(rows, cache, trained=trained, budgets=(*G.BUDGETS, max_regress))
     write_json(results / "tradeoff.json", tradeoff)
     figure = G.pareto_plot(tradeoff)
     if figure is not None:
@@ -272,3 +272,9 @@ def calibrate(
     for p in tradeoff["points"]:
         print(f"{p['method']:>18}  n={p['n']:<4} accuracy {100 * p['accuracy']:5.1f}%  regressions "
               f"{100 * p['regression_rate']:5.1f}%  mean TTFT {1000 * p['ttft_mean_s']:6.0f} ms")
+    slow = G.no_faster(tradeoff, max_regress)
+    if slow is not None:
+        err.print(f"warning: at {100 * max_regress:g}% the gate is no faster than text on the {slow['n']} held-out "
+                  f"items ({slow['ttft_mean_s']:.2f} s against {slow['text_ttft_mean_s']:.2f} s): its signal finds "
+                  "too few of the cache route's regressions, or too few items certify the budget; allow more "
+                  "regressions or calibrate on more items")

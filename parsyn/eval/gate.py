@@ -136,7 +136,7 @@ def _auc(risks: np.ndarray, bad: np.ndarray) -> float:
     return float(((diff > 0) + 0.5 * (diff == 0)).mean()) if diff.size else float("nan")
 
 
-def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
+def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool, budgets: Sequence[float] = BUDGETS) -> dict:
     """Fixed methods and the gate at several budgets, all measured on the held-out half (the gate
     calibrated on the other half): accuracy, regressions and mean TTFT of each."""
     items, layouts = cases(rows, cache, trained=trained), same_synthesizer(cache, trained)
@@ -151,13 +151,24 @@ def tradeoff(rows: Sequence[dict], cache: str, *, trained: bool) -> dict:
                            "regression_rate": sum(bool(m["text"]["score"]) and not m[method]["score"]
                                                   for m in got) / len(got),
                            "ttft_mean_s": statistics.mean(m[method]["ttft_s"] for m in got)})
-    for budget in BUDGETS:
+    for budget in sorted(set(budgets)):
         if calib and held:
             gate = calibrate(calib, budget, trained=trained, layouts=layouts)
             points.append({"method": f"auto ≤{100 * budget:g}%", "budget": budget, "gate": asdict(gate),
                            **replay(held, gate)})
     return {"cache_method": cache, "calibration_items": len(calib), "held_out_items": len(held), "points": points,
             "separation": separation(items)}
+
+
+def no_faster(result: dict, budget: float) -> dict | None:
+    """The held-out replay of the gate calibrated for `budget` where it is no faster than always-text (its
+    signal finds too few of the cache route's regressions, or the items are too few to certify the budget
+    otherwise), with text's mean TTFT beside it; None where it is faster or either was not measured."""
+    auto = next((p for p in result["points"] if p.get("budget") == budget), None)
+    text = next((p for p in result["points"] if p["method"] == "text"), None)
+    if auto is None or text is None or auto["ttft_mean_s"] < text["ttft_mean_s"]:
+        return None
+    return auto | {"text_ttft_mean_s": text["ttft_mean_s"]}
 
 
 def pareto_plot(result: dict) -> Figure | None:
