@@ -82,6 +82,14 @@ def test_bad_settings_are_refused(tmp_path, tokenizer):
     added = run(lm, EvalConfig(tasks=("boolq",), methods=("text", "ape"), **SMALL), tmp_path)
     assert {r["method"] for r in added["rows"]} == {"text", "ape"}
     assert json.loads((tmp_path / "config.json").read_text())["methods"] == ["text", "ape"]
+    # a rerun may raise the limit: the new items extend the old ones, which are kept; a lower one is refused
+    before = read_predictions(tmp_path / "predictions.jsonl")
+    grown = run(lm, EvalConfig(tasks=("boolq",), methods=("text",), **{**SMALL, "limit": 3}), tmp_path)
+    after = read_predictions(tmp_path / "predictions.jsonl")
+    assert grown["items"] == {"finished": 3, "total": 3} and after[:len(before)] == before
+    assert sorted({r["id"] for r in after}) == sorted(i.id for i in load("boolq", limit=3, seed=0, parts=2))
+    with pytest.raises(ValueError, match="3 items per task"):
+        run(lm, EvalConfig(tasks=("boolq",), methods=("text",), **SMALL), tmp_path)
     (tmp_path / "predictions.jsonl").write_text('{"id": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 1"):
         read_predictions(tmp_path / "predictions.jsonl")

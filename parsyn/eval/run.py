@@ -357,14 +357,18 @@ def _check_prediction(row: dict) -> None:
 
 
 def _check_config(path: Path, config: EvalConfig) -> None:
-    """Record the settings, or check them against those recorded: all but the methods must be the same (a
-    rerun may add methods; the record lists every method run so far)."""
+    """Record the settings, or check them against those recorded: all but the methods and the limit must be
+    the same (a rerun may add methods, the record listing every method run so far, and may raise the limit:
+    the items of a larger limit extend those of a smaller one)."""
     budgets = {task: config.budget(task) for task in config.tasks}  # what the code's defaults resolve to
     mine = json.loads(json.dumps({**asdict(config), "budgets": budgets, "worker_seeds": ITEM_SEEDS}))
     if path.exists():
         have = read_json(path, "evaluation settings")
-        if not isinstance(have, dict) or {**have, "methods": None} != {**mine, "methods": None}:
+        if not isinstance(have, dict) or {**have, "methods": None, "limit": 0} != {**mine, "methods": None, "limit": 0}:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; "
                              "use the same ones to resume or a new folder")
+        if have["limit"] is None and mine["limit"] is not None or (mine["limit"] or math.inf) < (have["limit"] or 0):
+            raise ValueError(f"{path.parent} holds an evaluation of {have['limit'] or 'all'} items per task; "
+                             "resume it with that limit or a larger one")
         mine["methods"] = list(dict.fromkeys([*have.get("methods", []), *mine["methods"]]))
     write_json(path, mine)
