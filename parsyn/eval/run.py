@@ -367,7 +367,7 @@ def _check_config(path: Path, config: EvalConfig) -> None:
         if not isinstance(have, dict) or {**have, "methods": None, "limit": 0} != {**mine, "methods": None, "limit": 0}:
             raise ValueError(f"{path.parent} holds an evaluation with other settings; "
                              "use the same ones to resume or a new folder")
-        if have["limit"] is None and mine["limit"] is not None or (mine["limit"] or math.inf) < (have["limit"] or 0):
+        if (mine["limit"] or math.inf) < (have["limit"] or math.inf):  # None: every item
             raise ValueError(f"{path.parent} holds an evaluation of {have['limit'] or 'all'} items per task; "
                              "resume it with that limit or a larger one")
         mine["methods"] = list(dict.fromkeys([*have.get("methods", []), *mine["methods"]]))
