@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import tiny_lm
 
@@ -66,9 +67,10 @@ def case(i, risk_, cache_right, text_right=True):
 
 def test_calibration_keeps_within_the_budget_and_sends_only_risky_items_to_text():
     items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]  # the cache route fails above 0.7
-    strict = G.calibrate(items, 0.0, trained=False)
+    strict = G.calibrate(items, 0.02, trained=False)
     got = G.replay(items, strict)
-    assert got["regression_rate"] == 0 and got["chosen"]["cache"] >= 60 and got["ttft_mean_s"] < 0.5
+    assert got["regression_rate"] <= 0.01 and got["chosen"]["cache"] >= 60 and got["ttft_mean_s"] < 0.5
+    assert G.replay(items, G.calibrate(items, 0.0, trained=False))["chosen"]["text"] == 100  # nothing certifies 0
     loose = G.replay(items, G.calibrate(items, 0.2, trained=False))
     assert loose["regression_rate"] <= 0.2 and loose["ttft_mean_s"] <= got["ttft_mean_s"]
     assert G.replay(items, G.calibrate(items, 1.0, trained=False))["chosen"]["cache"] == 100
@@ -92,11 +94,32 @@ def test_the_tradeoff_is_measured_from_evaluation_records(tmp_path, tokenizer):
     assert G.pareto_plot(result) is not None
 
 
+def test_the_budget_holds_for_new_items_by_conformal_risk_control():
+    items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]
+    gate = G.calibrate(items, 0.05, trained=True)  # (100 * rate + 1) / 101 <= 0.05: at most 4 regressions
+    rate = G.replay(items, gate)["regression_rate"]
+    assert 0.03 <= rate <= 0.04 and gate.calibration["bound"] == pytest.approx((100 * rate + 1) / 101)
+    five = G.replay(items, Gate(cache_below=0.745, recompute_below=0.745, trained=True))  # 75 kept: 5 regress
+    assert five["regression_rate"] == 0.05 and not G.within(five, 0.05) and G.within(five, 0.06)
+    assert G.replay(items[:40], G.calibrate(items[:40], 0.02, trained=True))["chosen"]["text"] == 40  # < 1/b - 1
+    # A weak signal: risk and regressions barely related. Calibrated on 120 items and replayed on new ones, the
+    # rate stays within the budget on average.
+    rng = np.random.default_rng(0)
+    pool = [case(i, r, cache_right=rng.random() > 0.02 + 0.06 * r) for i, r in enumerate(rng.random(4000))]
+    draw = lambda: [pool[j] for j in rng.choice(2000, 120, replace=False)]  # noqa: E731
+    new = [G.replay(pool[2000:], G.calibrate(draw(), 0.02, trained=True)) for _ in range(60)]
+    assert np.mean([g["regression_rate"] for g in new]) <= 0.02
+    assert np.mean([g["chosen"]["cache"] for g in new]) > 0  # not text everywhere
+    again = G.resampled(pool[:240], 0.02, trained=True, draws=20)
+    assert again["draws"] == 20 and again["calibration_items"] == 120
+    assert again["regression_rate"]["mean"] <= 0.02 < again["speedup_vs_text"]["p10_50_90"][2]
+
+
 def test_a_gate_for_a_trained_synthesizer_reads_its_own_doubt_and_never_the_raw_arms():
     items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]
-    gate = G.calibrate(items, 0.0, trained=True)
+    gate = G.calibrate(items, 0.05, trained=True)
     assert gate.trained and gate.signal == "confidence" and gate.cache_below == gate.recompute_below
-    assert G.replay(items, gate)["chosen"]["recompute"] == 0
+    assert G.replay(items, gate)["chosen"]["recompute"] == 0 and G.replay(items, gate)["chosen"]["cache"] > 60
 
 
 def test_separation_measures_how_well_a_signal_finds_the_regressions():
@@ -123,7 +146,7 @@ def test_a_trained_gate_reads_the_same_synthesizers_other_layout_where_it_ran():
     rows = [record(i, 5, 5 if i % 4 else 9) for i in range(40)]  # the two LoRA layouts disagree: it regresses
     items = G.cases(rows, "cache-lora-seq")
     assert [c["risk"]["layouts"] > 0.3 for c in items] == [i % 4 == 0 for i in range(40)]
-    gate = G.calibrate(items, 0.0, trained=True, layouts=True)
+    gate = G.calibrate(items, 0.05, trained=True, layouts=True)
     assert gate.signal == "layouts" and G.replay(items, gate)["chosen"] == {"cache": 30, "recompute": 0, "text": 10}
     assert G.calibrate(items, 0.0, trained=True).signal == "confidence"  # no sibling given: its doubt only
     assert G.tradeoff(rows, "cache-lora-seq", trained=True)["separation"]["layouts"]["auc"] == 1.0
@@ -148,5 +171,5 @@ def test_a_gate_no_faster_than_text_on_held_out_items_is_flagged():
     assert slow["chosen"]["cache"] == 0 and slow["ttft_mean_s"] > slow["text_ttft_mean_s"] == 1.0
     assert G.no_faster(result, 0.5) is None  # a budget above the 20% rate: always the cache route
     seen = [record(i, 5, 5 if i % 4 else 9) for i in range(80)]  # the layouts' disagreement finds every regression
-    assert G.no_faster(G.tradeoff(seen, "cache-lora-seq", trained=True, budgets=(0.0,)), 0.0) is None
+    assert G.no_faster(G.tradeoff(seen, "cache-lora-seq", trained=True, budgets=(0.05,)), 0.05) is None
     assert G.no_faster(result, 0.07) is None  # a budget not measured

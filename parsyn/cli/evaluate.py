@@ -233,7 +233,7 @@ def calibrate(
              "cache-parallel).")] = None,
 ) -> None:
     """Calibrate route=auto on an evaluation's items for a regression budget; plot the trade-off."""
-    from ..auto import SIGNALS, check_budget
+    from ..auto import check_budget
 
     check_budget(max_regress)  # before anything is read
     from ..eval import gate as G
@@ -251,19 +251,36 @@ def calibrate(
     trained = cache in TRAINED
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
-    gate = G.calibrate(G.cases(rows, cache, trained=trained), max_regress, trained=trained, model=model,
-                       layouts=G.same_synthesizer(cache, trained))
+    items, layouts = G.cases(rows, cache, trained=trained), G.same_synthesizer(cache, trained)
+    gate = G.calibrate(items, max_regress, trained=trained, model=model, layouts=layouts)
     target = out or results / "gate.json"
     gate.save(target)
     tradeoff = G.tradeoff(rows, cache, trained=trained, budgets=(*G.BUDGETS, max_regress))
+    tradeoff["resampled"] = G.resampled(items, max_regress, trained=trained, layouts=layouts)
     write_json(results / "tradeoff.json", tradeoff)
     figure = G.pareto_plot(tradeoff)
     if figure is not None:
         figure.savefig(results / "tradeoff.png", dpi=110)
+    _print_calibration(gate, target, tradeoff, cache, max_regress)
+
+
+def _print_calibration(gate, target: Path, tradeoff: dict, cache: str, max_regress: float) -> None:
+    """The gate, what it did on all items and on resampled halves, its signals' separation and the trade-off."""
+    from ..auto import SIGNALS
+    from ..eval import gate as G
+
     c = gate.calibration
     err.print(f"gate: {target} ({gate.signal}, cache below {gate.cache_below:.3f}, recompute below "
               f"{gate.recompute_below:.3f}); on all {c['n']} items: accuracy {100 * c['accuracy']:.1f}%, regressions "
-              f"{100 * c['regression_rate']:.1f}%, mean TTFT {1000 * c['ttft_mean_s']:.0f} ms, chose {c['chosen']}")
+              f"{100 * c['regression_rate']:.1f}% (bound on new items {100 * c['bound']:.1f}%), mean TTFT "
+              f"{1000 * c['ttft_mean_s']:.0f} ms, chose {c['chosen']}")
+    again = tradeoff["resampled"]
+    if again["draws"]:
+        rate, speed = again["regression_rate"], again["speedup_vs_text"]
+        err.print(f"calibrated on {again['draws']} random halves ({again['calibration_items']} items) and replayed on "
+                  f"the others: regressions {100 * rate['mean']:.1f}% on average (10th-90th percentile "
+                  f"{100 * rate['p10_50_90'][0]:.1f}-{100 * rate['p10_50_90'][2]:.1f}%), {speed['p10_50_90'][1]:.2f}x "
+                  f"below text at the median ({speed['p10_50_90'][0]:.2f}-{speed['p10_50_90'][2]:.2f}x)")
     sep = tradeoff["separation"]
     for signal in (s for s in SIGNALS if s in sep):
         low, high = sep[signal]["auc_ci"]
@@ -276,5 +293,6 @@ def calibrate(
     if slow is not None:
         err.print(f"warning: at {100 * max_regress:g}% the gate is no faster than text on the {slow['n']} held-out "
                   f"items ({slow['ttft_mean_s']:.2f} s against {slow['text_ttft_mean_s']:.2f} s): its signal finds "
-                  "too few of the cache route's regressions, or too few items certify the budget; allow more "
-                  "regressions or calibrate on more items")
+                  "too few of the cache route's regressions, or too few items certify the budget (a budget b needs "
+                  "1/b - 1 of them before any request keeps the cache route); allow more regressions or calibrate on "
+                  "more items")

@@ -6,6 +6,15 @@ first-token alternatives, all on the same branches. So the gate can be replayed 
 else text; its time to first token is the cache route's (plus the other layout's for the `layouts`
 signal), plus the route it falls back to. Items are split in two by a hash of their id: thresholds are
 chosen on one half (the fewest seconds within the regression budget) and reported on the other.
+
+The budget is meant for new requests, not for the items it was fitted on: the fewest seconds with an
+in-sample rate at the budget overshoots it on new items (on 110 long-branch items, 3.0% on average for a 2%
+budget). So a gate counts as within the budget by conformal risk control (Angelopoulos et al., 2022): with
+a regression costing at most one item, (n * rate + 1) / (n + 1) <= budget on the n calibration items bounds
+the expected rate on a new item drawn like them. The bound is exact for one signal and two routes (the
+regressions fall as the threshold tightens); across signals or with the recomputing route it is the same
+rule without the proof. Always-text never regresses and always qualifies: a budget b needs at least
+1 / b - 1 items before any request may keep the cache route.
 """
 
 from __future__ import annotations
@@ -88,9 +97,9 @@ def replay(items: Sequence[dict], gate: Gate) -> dict:
 
 def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model: str = "",
               layouts: bool | None = None) -> Gate:
-    """The gate with the lowest mean TTFT on `items` whose regression rate stays within `max_regress`
-    (always-text, thresholds 0 and 0, has none, so one always exists). layouts: whether the items' other
-    layout ran the same synthesizer (default: only untrained)."""
+    """The gate with the lowest mean TTFT on `items` whose regressions stay within `max_regress` by conformal
+    risk control (`within`; always-text, thresholds 0 and 0, has none, so one always exists). layouts: whether
+    the items' other layout ran the same synthesizer (default: only untrained)."""
     check_budget(max_regress)
     if not items:
         raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
@@ -108,9 +117,42 @@ def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model
                 gate = Gate(signal, low, high, trained=trained, max_regress=max_regress, model=model)
                 got = replay(items, gate)
                 key = (got["ttft_mean_s"], got["regression_rate"])
-                if got["regression_rate"] <= max_regress + 1e-12 and (best is None or key < best[0]):
+                always_text = high == 0.0
+                if (always_text or within(got, max_regress)) and (best is None or key < best[0]):
                     best = (key, gate, got)
-    return replace(best[1], calibration=best[2])
+    return replace(best[1], calibration=best[2] | {"bound": bound(best[2])})
+
+
+def bound(replayed: dict) -> float:
+    """Conformal risk control's bound on the expected regression rate of a new item, from a replay."""
+    return (replayed["n"] * replayed["regression_rate"] + 1) / (replayed["n"] + 1)
+
+
+def within(replayed: dict, max_regress: float) -> bool:
+    return bound(replayed) <= max_regress + 1e-12
+
+
+def resampled(items: Sequence[dict], max_regress: float, *, trained: bool, layouts: bool | None = None,
+              draws: int = 50, seed: int = 0) -> dict:
+    """The gate calibrated on a random half and replayed on the other, `draws` times: the held-out regression
+    rate and mean TTFT against always-text's (mean and 10th/50th/90th percentiles). One split of a few hundred
+    items swings by whole points; this says what to expect from a calibration on this many items."""
+    rng = np.random.default_rng(seed)
+    rates, speedups = [], []
+    for _ in range(draws):
+        order = rng.permutation(len(items))
+        calib, held = [items[i] for i in order[: len(items) // 2]], [items[i] for i in order[len(items) // 2:]]
+        if not calib or not held:
+            break
+        got = replay(held, calibrate(calib, max_regress, trained=trained, layouts=layouts))
+        rates.append(got["regression_rate"])
+        speedups.append(statistics.mean(c["ttft"]["text"] for c in held) / got["ttft_mean_s"])
+    return {"budget": max_regress, "draws": len(rates), "calibration_items": len(items) // 2,
+            **({"regression_rate": _spread(rates), "speedup_vs_text": _spread(speedups)} if rates else {})}
+
+
+def _spread(values: Sequence[float]) -> dict:
+    return {"mean": float(np.mean(values)), "p10_50_90": [float(q) for q in np.quantile(values, [0.1, 0.5, 0.9])]}
 
 
 def separation(items: Sequence[dict], *, seed: int = 0) -> dict:
