@@ -119,7 +119,8 @@ def test_a_gate_for_a_trained_synthesizer_reads_its_own_doubt_and_never_the_raw_
     items = [case(i, i / 100, cache_right=i < 70) for i in range(100)]
     gate = G.calibrate(items, 0.05, trained=True)
     assert gate.trained and gate.signal == "confidence" and gate.cache_below == gate.recompute_below
-    assert G.replay(items, gate)["chosen"]["recompute"] == 0 and G.replay(items, gate)["chosen"]["cache"] > 60
+    chosen = G.replay(items, gate)["chosen"]
+    assert chosen["recompute"] == 0 and chosen["cache"] > 60
 
 
 def test_separation_measures_how_well_a_signal_finds_the_regressions():

@@ -138,16 +138,15 @@ def resampled(items: Sequence[dict], max_regress: float, *, trained: bool, layou
     rate and mean TTFT against always-text's (mean and 10th/50th/90th percentiles). One split of a few hundred
     items swings by whole points; this says what to expect from a calibration on this many items."""
     rng = np.random.default_rng(seed)
+    cut = len(items) // 2
     rates, speedups = [], []
-    for _ in range(draws):
+    for _ in range(draws if cut else 0):  # fewer than two items: no half to calibrate on
         order = rng.permutation(len(items))
-        calib, held = [items[i] for i in order[: len(items) // 2]], [items[i] for i in order[len(items) // 2:]]
-        if not calib or not held:
-            break
+        calib, held = [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
         got = replay(held, calibrate(calib, max_regress, trained=trained, layouts=layouts))
         rates.append(got["regression_rate"])
         speedups.append(statistics.mean(c["ttft"]["text"] for c in held) / got["ttft_mean_s"])
-    return {"budget": max_regress, "draws": len(rates), "calibration_items": len(items) // 2,
+    return {"budget": max_regress, "draws": len(rates), "calibration_items": cut,
             **({"regression_rate": _spread(rates), "speedup_vs_text": _spread(speedups)} if rates else {})}
 
 
