@@ -27,6 +27,7 @@ from .synthesis import (
     DEFAULT_INSTRUCTION,
     FIRST_TOP,
     SYNTH_SAMPLING,
+    Prepared,
     Synthesis,
     Trained,
     finish,
@@ -87,6 +88,16 @@ def check_budget(max_regress: float | None) -> None:
         raise ValueError(f"the regression budget must be a fraction in [0, 1], got {max_regress}")
 
 
+def check_gate(gate: Gate, lm: LM | None, synthesizer: Trained | None) -> None:
+    """Refuse a gate calibrated for another model, or with(out) a trained synthesizer where it runs without (with)."""
+    if gate.trained != (synthesizer is not None):
+        raise ValueError(f"this gate was calibrated {'with' if gate.trained else 'without'} a trained "
+                         f"synthesizer; run it {'with' if gate.trained else 'without'} one, or calibrate again")
+    if lm is not None and gate.model and gate.model != lm.name:
+        raise ValueError(f"this gate was calibrated on {gate.model}, not {lm.name}; calibrate one on an evaluation "
+                         "of this model")
+
+
 def risk(first: Sequence[Sequence[float]], other: Sequence[Sequence[float]] | None = None) -> float:
     """The gate's risk from first-token alternatives ((id, log-probability) pairs, likeliest first): the
     cache route's, and for the `layouts` signal the other layout's. Both are top-k lists, so the distance is
@@ -103,28 +114,34 @@ def risk(first: Sequence[Sequence[float]], other: Sequence[Sequence[float]] | No
 def synthesize_auto(lm: LM, fork: Fork, gate: Gate, *, sampling: SamplingParams = SYNTH_SAMPLING,
                     synthesizer: Trained | None = None, instruction: str = DEFAULT_INSTRUCTION,
                     on_token=None) -> tuple[Synthesis, dict]:
-    """Synthesize by the route the gate picks; returns the synthesis and the decision (risk, choice)."""
-    if gate.trained != (synthesizer is not None):
-        raise ValueError(f"this gate was calibrated {'with' if gate.trained else 'without'} a trained "
-                         f"synthesizer; run it {'with' if gate.trained else 'without'} one, or calibrate again")
+    """Synthesize by the route the gate picks; returns the synthesis (its `gate` holds the decision) and the
+    decision (risk, signal, choice)."""
     t0 = time.perf_counter()
-    budget = sampling.max_new_tokens
+    ready, layout, decision = decide(lm, fork, gate, synthesizer=synthesizer, instruction=instruction,
+                                     max_new_tokens=sampling.max_new_tokens)
+    s = finish(lm, ready, sampling, t0, layout=layout, synthesizer=synthesizer, on_token=on_token)
+    return replace(s, gate=decision), decision
+
+
+def decide(lm: LM, fork: Fork, gate: Gate, *, synthesizer: Trained | None = None,
+           instruction: str = DEFAULT_INSTRUCTION, max_new_tokens: int = 0) -> tuple[Prepared, str | None, dict]:
+    """The gate's decision on `fork`, and the route it chose prepared up to its first token: (prepared route,
+    its layout or None for text, decision). Decoding is left to the caller (`finish`, or a server's batch)."""
+    check_gate(gate, lm, synthesizer)
     layout, options = settings(synthesizer, None, None)
-    ready = prepare(lm, fork, route="cache", synthesizer=synthesizer, instruction=instruction, max_new_tokens=budget)
+    ready = prepare(lm, fork, route="cache", synthesizer=synthesizer, instruction=instruction,
+                    max_new_tokens=max_new_tokens)
     other = None
     if gate.signal == "layouts":
         flip = "sequential" if layout == "parallel" else "parallel"
         other = top_logprobs(prepare(lm, fork, route="cache", layout=flip, synthesizer=synthesizer,
-                                     instruction=instruction, max_new_tokens=budget).logits[0], FIRST_TOP)
+                                     instruction=instruction, max_new_tokens=max_new_tokens).logits[0], FIRST_TOP)
     score = risk(top_logprobs(ready.logits[0], FIRST_TOP), other)
     choice = gate.choose(score)
     if choice == "recompute":
         more = replace(options, recompute=max(options.recompute, gate.recompute))
         ready = prepare(lm, fork, route="cache", layout=layout, synthesizer=synthesizer, options=more,
-                        instruction=instruction, max_new_tokens=budget)
+                        instruction=instruction, max_new_tokens=max_new_tokens)
     elif choice == "text":
-        ready = prepare(lm, fork, route="text", instruction=instruction, max_new_tokens=budget)
-    s = finish(lm, ready, sampling, t0, layout=None if choice == "text" else layout, synthesizer=synthesizer,
-               on_token=on_token)
-    return s, {"risk": score, "choice": choice, "signal": gate.signal}
-
+        ready = prepare(lm, fork, route="text", instruction=instruction, max_new_tokens=max_new_tokens)
+    return ready, None if choice == "text" else layout, {"risk": score, "choice": choice, "signal": gate.signal}

@@ -60,6 +60,7 @@ class Synthesis:
     prefill_tokens: int          # tokens run through the model before the first token
     provenance: tuple[Span, ...]
     first_top: tuple[tuple[int, float], ...] = ()  # the FIRST_TOP likeliest first tokens: (id, log-probability)
+    gate: dict | None = None     # route "auto": the gate's decision (risk, signal, choice)
 
 
 @dataclass(eq=False)

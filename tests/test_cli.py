@@ -170,6 +170,7 @@ def test_bench_eval_and_report_commands(tmp_path, tiny_folder):
         (["calibrate", "no/such/folder"], "no finished evaluation items"),
         (["run", "Why?", "--route", "auto"], "--route auto needs --gate FILE"),
         (["run", "Why?", "--gate", "g.json"], "--gate applies to --route auto only"),
+        (["serve", "--gate", "no/such/gate.json"], "gate file not found"),
         (["derive", "ckpt", "ckpt"], "another folder than its source"),
         (["derive", "no/such/ckpt", "out", "--model", "smollm2-135m"], "not a parsyn checkpoint"),
         (["agent", "Why?", "--synth-tool-turns", "-1"], "tool turns >= 0"),

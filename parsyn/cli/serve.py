@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -30,27 +31,33 @@ def serve(
     ray: Annotated[Optional[str], typer.Option(
         help="Decode requests' worker rows on Ray actors: a cluster's HOST:PORT, auto, or local.")] = None,
     ray_actors: Annotated[int, typer.Option(help="Model replicas (Ray actors, one CPU each) for --ray.")] = 2,
+    gate: Annotated[Optional[Path], typer.Option(
+        help="Gate file of `parsyn calibrate`: serves route auto (the gate picks cache or text per request).")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with fork handles, streaming and a web page."""
     import uvicorn
 
     from .. import registry
     from ..adapter import resolve
+    from ..auto import Gate, check_gate
     from ..serve.api import Limits, create_app
     from ..serve.engine import Engine
     from ..serve.forks import ForkStore
 
     store = ForkStore(int(cache_gib * 2**30), fork_ttl)  # bad settings are refused before the model loads
+    chosen_gate = Gate.load(gate) if gate is not None else None
     _check_port(host, port)
     executor = _executor(ray, ray_actors, model)
     lm = load_model(model)
     trained = resolve(lm, adapter)
+    if chosen_gate is not None:
+        check_gate(chosen_gate, lm, trained)  # before the engine starts
     name = model if model and model in registry.MODELS else (os.path.basename(model.rstrip("/")) if model
                                                              else registry.default())
     _start_actors(executor, lm)
     engine = Engine(lm, trained, max_queue=max_queue, max_rows=max_rows, executor=executor).start()
     web = create_app(lm, model_name=name, synthesizer=trained, engine=engine, store=store, api_key=api_key,
-                     limits=Limits(timeout_s=timeout))
+                     limits=Limits(timeout_s=timeout), gate=chosen_gate)
     server = uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=int(timeout)))
     print(f"parsyn: serving {name} at http://{host}:{port} (synthesizer: {'none' if trained is None else adapter}); "

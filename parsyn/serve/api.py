@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
+from ..auto import Gate, check_gate
 from ..chat import DEFAULT_INSTRUCTION
 from ..model import LM
 from ..sampling import SamplingParams
@@ -41,14 +42,18 @@ class Context:
     metrics: Metrics
     limits: Limits
     api_key: str | None
+    gate: Gate | None = None
 
 
 def create_app(lm: LM, *, model_name: str, synthesizer=None, engine: Engine | None = None,
-               store: ForkStore | None = None, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
-    """The app over a started engine (one is made and started when none is given)."""
+               store: ForkStore | None = None, api_key: str | None = None, limits: Limits | None = None,
+               gate: Gate | None = None) -> FastAPI:
+    """The app over a started engine (one is made and started when none is given); `gate` serves route "auto"."""
+    if gate is not None:
+        check_gate(gate, lm, synthesizer)
     engine = Engine(lm, synthesizer).start() if engine is None else engine
     store = ForkStore(2 << 30) if store is None else store
-    ctx = Context(lm, model_name, synthesizer, engine, store, Metrics(engine, store), limits or Limits(), api_key)
+    ctx = Context(lm, model_name, synthesizer, engine, store, Metrics(engine, store), limits or Limits(), api_key, gate)
     app = FastAPI(title="parsyn", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.store = engine, store
     _errors(app)
@@ -160,7 +165,7 @@ def _openai_routes(app: FastAPI, ctx: Context) -> None:
                                                            sampling.seed),
                             routes=routes, sampling=sampling, layout=p.layout,
                             instruction=p.instruction or DEFAULT_INSTRUCTION, synthesizer=ctx.synthesizer, emit=_ignore,
-                            executor=ctx.engine.executor)
+                            executor=ctx.engine.executor, gate=_gate(ctx, p.route, p.layout, ctx.synthesizer))
         return await C.workflow(http, ctx.engine, job, body, routes, ctx.model_name, ctx.limits, ctx.metrics)
 
 
@@ -208,9 +213,10 @@ def _fork_routes(app: FastAPI, ctx: Context) -> None:
         fork = _stored(ctx.store, fork_id)
         sampling = _sampling(body, ctx.limits, default_temperature=0.0)
         routes = ["cache", "text"] if body.route == "both" else [body.route]
+        synthesizer = ctx.synthesizer if body.adapter == "auto" else None
         job = jobs.synthesize(ctx.lm, fork, routes, sampling=sampling, layout=body.layout,
-                              instruction=body.instruction or DEFAULT_INSTRUCTION,
-                              synthesizer=ctx.synthesizer if body.adapter == "auto" else None)
+                              instruction=body.instruction or DEFAULT_INSTRUCTION, synthesizer=synthesizer,
+                              gate=_gate(ctx, body.route, body.layout, synthesizer))
         bridge = Bridge(ctx.engine, job, ctx.limits.timeout_s)
 
         def finished(answers):
@@ -226,6 +232,18 @@ def _fork_routes(app: FastAPI, ctx: Context) -> None:
 
 def _ignore(_event) -> None:
     pass
+
+
+def _gate(ctx: Context, route: str, layout: str | None, synthesizer) -> Gate | None:
+    """The server's gate for route "auto" (None for other routes), refused where it cannot run."""
+    if route != "auto":
+        return None
+    if ctx.gate is None:
+        raise APIError(400, "route auto needs a server started with --gate FILE (make one with `parsyn calibrate`)")
+    if layout is not None:
+        raise APIError(400, "layout does not apply to route auto: its gate was calibrated on one layout")
+    check_gate(ctx.gate, ctx.lm, synthesizer)
+    return ctx.gate
 
 
 def _stored(store: ForkStore, fork_id: str) -> Fork:

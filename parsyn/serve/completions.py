@@ -69,7 +69,8 @@ def answer(s: Synthesis, fork: Fork) -> dict:
     context = context_tokens(fork)
     return {"route": s.route, "layout": s.layout, "answer": s.answer, "tokens": len(s.token_ids),
             "ttft_s": s.ttft_s, "total_s": s.total_s, "prefill_tokens": s.prefill_tokens,
-            "cached_tokens": context if s.route == "cache" else 0, "provenance": [asdict(p) for p in s.provenance]}
+            "cached_tokens": context if s.route == "cache" else 0, "provenance": [asdict(p) for p in s.provenance],
+            **({"gate": s.gate} if s.gate is not None else {})}
 
 
 

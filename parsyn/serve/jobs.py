@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..auto import Gate, decide
 from ..chat import DEFAULT_INSTRUCTION, ChatFormat
 from ..decode import Result, Row
 from ..forward import prefill_rows, row_kv
@@ -88,10 +89,12 @@ def extend(lm: LM, fork: Fork, text: str, role: str | None) -> Job:
 
 
 def synthesize(lm: LM, fork: Fork, routes: Sequence[str], *, sampling: SamplingParams, layout: str | None = None,
-               instruction: str = DEFAULT_INSTRUCTION, synthesizer=None) -> Job:
+               instruction: str = DEFAULT_INSTRUCTION, synthesizer=None, gate: Gate | None = None) -> Job:
     """Every route in `routes` on `fork`, racing: each is prepared and starts decoding before the next is
     prepared (the cache route first: its prefill is short). Each TTFT counts from the synthesis' start.
-    Returns {route: Synthesis}."""
+    Returns {route: Synthesis}. Routes ["auto"]: the route `gate` picks (see `gated`)."""
+    if list(routes) == ["auto"]:
+        return (yield from gated(lm, fork, gate, sampling=sampling, instruction=instruction, synthesizer=synthesizer))
     t0 = time.perf_counter()
     ready = {}
     for route in sorted(routes, key=lambda r: r != "cache"):
@@ -106,13 +109,27 @@ def synthesize(lm: LM, fork: Fork, routes: Sequence[str], *, sampling: SamplingP
                                 ttft_s=done.first[route] - t0, total_s=done.last[route] - t0) for route in routes}
 
 
+def gated(lm: LM, fork: Fork, gate: Gate, *, sampling: SamplingParams, instruction: str, synthesizer) -> Job:
+    """Route "auto": the gate's prefills run here on the engine thread, then the route it chose decodes as
+    the row "auto" (adapted unless it chose text). Returns {"auto": Synthesis}, the decision in its `gate`."""
+    t0 = time.perf_counter()
+    ready, layout, decision = decide(lm, fork, gate, synthesizer=synthesizer, instruction=instruction,
+                                     max_new_tokens=sampling.max_new_tokens)
+    adapted = layout is not None and synthesizer is not None
+    done: Finished = yield Phase([Part(ready.state, ready.logits, [Row("auto", sampling, text=True)], adapted=adapted)])
+    s = synthesis_of(lm, ready, done.results["auto"], layout=layout, ttft_s=done.first["auto"] - t0,
+                     total_s=done.last["auto"] - t0)
+    return {"auto": dataclasses.replace(s, gate=decision)}
+
+
 def workflow(lm: LM, question: str, *, system: str | None, roles: Sequence[str | None], worker_sampling: SamplingParams,
              routes: Sequence[str], sampling: SamplingParams, layout: str | None, instruction: str, synthesizer,
-             emit: Emit, executor=None) -> Job:
+             emit: Emit, executor=None, gate: Gate | None = None) -> Job:
     """Workers (here, or on `executor`'s actors), then the synthesis of their branches; returns (Fork,
     {route: Synthesis})."""
     fork = yield from workers(lm, question, system=system, roles=roles, sampling=worker_sampling, emit=emit,
                               executor=executor)
     answers: dict[str, Synthesis] = yield from synthesize(lm, fork, routes, sampling=sampling, layout=layout,
-                                                          instruction=instruction, synthesizer=synthesizer)
+                                                          instruction=instruction, synthesizer=synthesizer,
+                                                          gate=gate)
     return fork, answers

@@ -42,7 +42,7 @@ class Metrics:
         context = context_tokens(fork)
         for route, s in answers.items():
             self.ttft(route, s.ttft_s)
-            reused = context if route == "cache" else 0
+            reused = context if s.route == "cache" else 0  # route "auto" reads the branches' K/V when it chose cache
             self._tokens.labels("reused").inc(reused)
             self._tokens.labels("prefilled").inc(s.prefill_tokens)
 

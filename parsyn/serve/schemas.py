@@ -47,7 +47,7 @@ class StreamOptions(Body):
 class ParsynOptions(Body):
     workers: int = Field(3, ge=1, le=MAX_WORKERS)
     roles: list[str] | None = None
-    route: Literal["cache", "text", "both"] = "cache"
+    route: Literal["cache", "text", "both", "auto"] = "cache"
     layout: Literal["parallel", "sequential"] | None = None
     instruction: str | None = None
     worker_max_tokens: int = Field(128, ge=1)
@@ -80,7 +80,7 @@ class BranchRequest(Body):
 
 
 class SynthesizeRequest(Sampling):
-    route: Literal["cache", "text", "both"] = "cache"
+    route: Literal["cache", "text", "both", "auto"] = "cache"
     layout: Literal["parallel", "sequential"] | None = None
     instruction: str | None = None
     adapter: Literal["auto", "none"] = "auto"
