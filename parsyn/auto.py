@@ -51,6 +51,7 @@ class Gate:
     recompute_below: float = 0.5
     recompute: int = 8
     trained: bool = False         # calibrated with a trained synthesizer on the cache route
+    layout: str | None = None     # the cache route's layout it was calibrated on (None: the synthesizer's own)
     max_regress: float | None = None
     model: str = ""
     calibration: dict | None = None  # what calibration measured (items, rates, mean TTFT)
@@ -63,6 +64,8 @@ class Gate:
                              f"{self.cache_below} and {self.recompute_below}")
         if self.recompute < 0:
             raise ValueError(f"gate recompute must be >= 0, got {self.recompute}")
+        if self.layout not in (None, "parallel", "sequential"):
+            raise ValueError(f"gate layout must be parallel or sequential, got {self.layout!r}")
         check_budget(self.max_regress)
 
     def choose(self, risk: float) -> str:
@@ -128,8 +131,8 @@ def decide(lm: LM, fork: Fork, gate: Gate, *, synthesizer: Trained | None = None
     """The gate's decision on `fork`, and the route it chose prepared up to its first token: (prepared route,
     its layout or None for text, decision). Decoding is left to the caller (`finish`, or a server's batch)."""
     check_gate(gate, lm, synthesizer)
-    layout, options = settings(synthesizer, None, None)
-    ready = prepare(lm, fork, route="cache", synthesizer=synthesizer, instruction=instruction,
+    layout, options = settings(synthesizer, gate.layout, None)
+    ready = prepare(lm, fork, route="cache", layout=layout, synthesizer=synthesizer, instruction=instruction,
                     max_new_tokens=max_new_tokens)
     other = None
     if gate.signal == "layouts":

@@ -191,8 +191,11 @@ def test_calibrate_then_run_the_gate(tmp_path, tiny_folder):
     assert done.returncode == 0, done.stderr
     gate = json.loads((tmp_path / "eval" / "gate.json").read_text())
     assert gate["format"] == "parsyn-gate" and gate["max_regress"] == 0 and gate["calibration"]["regression_rate"] == 0
+    assert gate["layout"] == "parallel"  # the guarded cache-parallel's: what `run --route auto` then runs
     assert (tmp_path / "eval" / "tradeoff.png").is_file() and "auto ≤2%" in done.stdout
     assert "random halves" in done.stderr and "bound on new items" in done.stderr
+    blend = parsyn("calibrate", str(tmp_path / "eval"), "--method", "cache-recompute")
+    assert blend.returncode == 2 and "a gate guards one of cache-parallel" in blend.stderr  # a method it cannot run
     done = parsyn("run", "Who lives in Oslo?", "--branch", "Vera lives in Oslo.", "--branch", "Ann lives in Lima.",
                   "--route", "auto", "--gate", str(tmp_path / "eval" / "gate.json"), "--adapter", "none",
                   "--max-new-tokens", "4", "--model", str(tiny_folder), "--json")

@@ -29,6 +29,7 @@ def test_risk_reads_doubt_and_layout_disagreement():
 
 @pytest.mark.parametrize("gate, choice, same_as", [
     (Gate(cache_below=2, recompute_below=2), "cache", dict(route="cache")),
+    (Gate(cache_below=2, recompute_below=2, layout="sequential"), "cache", dict(route="cache", layout="sequential")),
     (Gate(cache_below=0, recompute_below=2, recompute=3), "recompute",
      dict(route="cache", options=CacheOptions(recompute=3))),
     (Gate(cache_below=0, recompute_below=0), "text", dict(route="text")),
@@ -48,7 +49,7 @@ def test_a_gate_round_trips_and_bad_ones_are_refused(tmp_path):
     gate.save(tmp_path / "gate.json")
     assert Gate.load(tmp_path / "gate.json") == gate
     for bad, message in ((dict(max_regress=1.5), r"in \[0, 1\]"), (dict(max_regress=-0.1), r"in \[0, 1\]"),
-                         (dict(signal="vibes"), "unknown gate signal"),
+                         (dict(signal="vibes"), "unknown gate signal"), (dict(layout="diagonal"), "gate layout"),
                          (dict(cache_below=0.5, recompute_below=0.2), "cache_below <= recompute_below")):
         with pytest.raises(ValueError, match=message):
             Gate(**bad)

@@ -246,13 +246,13 @@ def calibrate(
     from ..eval.run import TRAINED
 
     cache = method or ("cache-trained" if any("cache-trained" in r["methods"] for r in rows) else "cache-parallel")
-    if cache not in G.FIXED or cache == "text" or not any(cache in r["methods"] for r in rows):
-        raise ValueError(f"--method {cache} is no cache method these items hold")
+    if cache not in G.GUARDED or not any(cache in r["methods"] for r in rows):
+        raise ValueError(f"--method {cache}: a gate guards one of {', '.join(G.GUARDED)}, held by these items")
     trained = cache in TRAINED
     summary = results / "summary.json"
     model = json.loads(summary.read_text()).get("environment", {}).get("model", "") if summary.is_file() else ""
     items, layouts = G.cases(rows, cache, trained=trained), G.same_synthesizer(cache, trained)
-    gate = G.calibrate(items, max_regress, trained=trained, model=model, layouts=layouts)
+    gate = G.calibrate(items, max_regress, trained=trained, model=model, layouts=layouts, layout=G.GUARDED[cache])
     target = out or results / "gate.json"
     gate.save(target)
     tradeoff = G.tradeoff(rows, cache, trained=trained, budgets=(*G.BUDGETS, max_regress))

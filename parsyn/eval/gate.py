@@ -37,6 +37,11 @@ FIXED = ("text", "cache-parallel", "cache-sequential", "cache-trained", "cache-l
          "cache-recompute", "cacheblend", "ape", "relay")
 
 
+# The cache methods a gate can guard, with the layout `synthesize_auto` then runs (None: the synthesizer's own).
+GUARDED = {"cache-parallel": "parallel", "cache-sequential": "sequential", "cache-trained": None,
+           "cache-lora": "parallel", "cache-lora-seq": "sequential"}
+
+
 def half(item_id: str) -> int:
     """0 (calibration) or 1 (held out), from a hash of the id: the same split for every run."""
     return hashlib.sha256(item_id.encode()).digest()[0] & 1
@@ -96,10 +101,11 @@ def replay(items: Sequence[dict], gate: Gate) -> dict:
 
 
 def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model: str = "",
-              layouts: bool | None = None) -> Gate:
+              layouts: bool | None = None, layout: str | None = None) -> Gate:
     """The gate with the lowest mean TTFT on `items` whose regressions stay within `max_regress` by conformal
     risk control (`within`; always-text, thresholds 0 and 0, has none, so one always exists). layouts: whether
-    the items' other layout ran the same synthesizer (default: only untrained)."""
+    the items' other layout ran the same synthesizer (default: only untrained); layout: the guarded method's
+    (`GUARDED`), recorded for the gate to run in."""
     check_budget(max_regress)
     if not items:
         raise ValueError("no evaluation item holds every method the gate needs (text, the cache route in both "
@@ -114,7 +120,7 @@ def calibrate(items: Sequence[dict], max_regress: float, *, trained: bool, model
         cuts = sorted({0.0, 1.0 + 1e-6, *(r + 1e-9 for r in quantiles)})  # just above a risk: that item passes
         for i, low in enumerate(cuts):
             for high in cuts[i:] if not trained else (low,):
-                gate = Gate(signal, low, high, trained=trained, max_regress=max_regress, model=model)
+                gate = Gate(signal, low, high, trained=trained, layout=layout, max_regress=max_regress, model=model)
                 got = replay(items, gate)
                 key = (got["ttft_mean_s"], got["regression_rate"])
                 always_text = high == 0.0
