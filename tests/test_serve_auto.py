@@ -10,6 +10,7 @@ import httpx2 as httpx
 import pytest
 from conftest import random_synthesizer, tiny_lm
 from openai import OpenAI
+from page_screenshot import chromium, run_page
 
 from parsyn import adapter as A
 from parsyn.auto import Gate, synthesize_auto
@@ -104,3 +105,23 @@ def test_chat_completions_take_route_auto_and_bad_uses_get_one_clear_error(lm):
         assert none.status_code == 400 and "--gate FILE" in none.json()["error"]["message"]
     with pytest.raises(ValueError, match="calibrated on Qwen, not tiny-llama"):
         create_app(lm, model_name="tiny", engine=Engine(lm), gate=Gate(model="Qwen"))
+
+
+def test_the_web_page_shows_the_gates_choice_where_the_server_has_one(lm):
+    from selenium.webdriver.common.by import By
+
+    driver = chromium()
+    try:
+        for gate in (Gate(cache_below=0, recompute_below=0), None):
+            with serving(lm, gate) as url:
+                run_page(driver, url + "/", {"workers": "2", "worker-tokens": "5", "answer-tokens": "5", "roles": ""},
+                         timeout_s=60)
+                assert driver.find_element(By.ID, "status").text == ""
+                auto = driver.find_element(By.ID, "answer-auto")
+                assert auto.is_displayed() == (gate is not None)
+                if gate is not None:
+                    assert auto.find_element(By.CLASS_NAME, "gate").text.endswith("(confidence) → text")
+                    assert driver.find_element(By.ID, "timer-auto").text.startswith("TTFT ")
+                    assert auto.find_element(By.CLASS_NAME, "text").text.strip()
+    finally:
+        driver.quit()

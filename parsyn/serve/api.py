@@ -133,7 +133,8 @@ class Guard:
 def _openai_routes(app: FastAPI, ctx: Context) -> None:
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": ctx.model_name, "queue": ctx.engine.queue_depth, "rows": ctx.engine.rows}
+        return {"status": "ok", "model": ctx.model_name, "queue": ctx.engine.queue_depth, "rows": ctx.engine.rows,
+                "gate": ctx.gate is not None}
 
     @app.get("/metrics")
     async def prometheus():

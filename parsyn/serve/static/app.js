@@ -1,5 +1,6 @@
 // The page uses only the public API: POST /v1/forks (workers, streamed), then
-// POST /v1/forks/{id}/synthesize with route "both" (text and cache racing, streamed).
+// POST /v1/forks/{id}/synthesize with route "both" (text and cache racing, streamed), then, where
+// GET /healthz says the server has a gate, route "auto" on the same fork.
 "use strict";
 const $ = (id) => document.getElementById(id);
 
@@ -75,7 +76,8 @@ async function run(ev) {
   ev.preventDefault();
   $("go").disabled = true;
   $("status").textContent = "";
-  for (const r of ["cache", "text"]) {
+  $("answer-auto").querySelector(".gate").textContent = "";
+  for (const r of ["cache", "text", "auto"]) {
     $("answer-" + r).querySelector(".text").textContent = "";
     $("answer-" + r).querySelector(".provenance").innerHTML = "";
     $("timer-" + r).textContent = "–";
@@ -101,17 +103,11 @@ async function run(ev) {
         if (!first[e.route]) { first[e.route] = true; stop[e.route]((performance.now() - t0) / 1000); }
         $("answer-" + e.route).querySelector(".text").textContent += e.delta;
       }
-      if (e.object === "fork.synthesis") {
-        for (const [route, a] of Object.entries(e.answers)) {
-          if (!first[route]) stop[route](a.ttft_s);
-          $("timer-" + route).textContent = "TTFT " + a.ttft_s.toFixed(2) + " s";
-          $("answer-" + route).querySelector(".text").textContent = a.answer;
-          drawProvenance($("answer-" + route).querySelector(".provenance"), a.provenance);
-        }
-        $("status").textContent = "";
-        document.body.dataset.done = "1";
-      }
+      if (e.object === "fork.synthesis") finished(e.answers, first, stop);
     });
+    if (await hasGate) await gated(fork.id);
+    $("status").textContent = "";
+    document.body.dataset.done = "1";
   } catch (err) {
     $("status").textContent = err.message;
   } finally {
@@ -119,4 +115,35 @@ async function run(ev) {
   }
 }
 
+function finished(answers, first, stop) {
+  for (const [route, a] of Object.entries(answers)) {
+    if (!first[route]) stop[route](a.ttft_s);
+    $("timer-" + route).textContent = "TTFT " + a.ttft_s.toFixed(2) + " s";
+    $("answer-" + route).querySelector(".text").textContent = a.answer;
+    drawProvenance($("answer-" + route).querySelector(".provenance"), a.provenance);
+    if (a.gate) {
+      $("answer-auto").querySelector(".gate").textContent =
+        "risk " + a.gate.risk.toFixed(3) + " (" + a.gate.signal + ") → " + a.gate.choice;
+    }
+  }
+}
+
+// Route "auto" on the same fork: the server's gate picks cache, recompute or text.
+async function gated(forkId) {
+  const t0 = performance.now();
+  const stop = { auto: timer("auto", t0) };
+  const first = {};
+  const body = { route: "auto", max_tokens: Number($("answer-tokens").value), stream: true };
+  await stream("v1/forks/" + forkId + "/synthesize", body, (e) => {
+    if (e.object === "fork.synthesis.chunk") {
+      if (!first.auto) { first.auto = true; stop.auto((performance.now() - t0) / 1000); }
+      $("answer-auto").querySelector(".text").textContent += e.delta;
+    }
+    if (e.object === "fork.synthesis") finished(e.answers, first, stop);
+  });
+}
+
+// Whether the server has a gate (GET /healthz): the auto panel shows only then.
+const hasGate = fetch("healthz").then((r) => r.json()).then((h) => Boolean(h.gate)).catch(() => false);
+hasGate.then((yes) => { $("answer-auto").hidden = !yes; });
 $("ask").addEventListener("submit", run);
