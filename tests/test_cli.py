@@ -182,7 +182,7 @@ def test_program_commands_refuse_bad_input_in_one_line(args, message, capsys, mo
     assert code != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in stderr, stderr
 
 
-def test_calibrate_then_run_the_gate(tmp_path, tiny_folder):
+def test_calibrate_then_run_the_gate(tmp_path, tiny_folder, capsys, monkeypatch):
     done = parsyn("eval", "--tasks", "boolq,facts", "--methods", "text,cache-parallel,cache-sequential,cache-recompute",
                   "--limit", "4", "--workers", "2", "--max-new-tokens", "3", "--adapter", "none", "--model",
                   str(tiny_folder), "--out", str(tmp_path / "eval"))
@@ -194,8 +194,9 @@ def test_calibrate_then_run_the_gate(tmp_path, tiny_folder):
     assert gate["layout"] == "parallel"  # the guarded cache-parallel's: what `run --route auto` then runs
     assert (tmp_path / "eval" / "tradeoff.png").is_file() and "auto ≤2%" in done.stdout
     assert "random halves" in done.stderr and "bound on new items" in done.stderr
-    blend = parsyn("calibrate", str(tmp_path / "eval"), "--method", "cache-recompute")
-    assert blend.returncode == 2 and "a gate guards one of cache-parallel" in blend.stderr  # a method it cannot run
+    blend = ["calibrate", str(tmp_path / "eval"), "--method", "cache-recompute"]
+    code, stderr = refused(blend, True, capsys, monkeypatch)
+    assert code == 2 and "a gate guards one of cache-parallel" in stderr  # a method it cannot run
     done = parsyn("run", "Who lives in Oslo?", "--branch", "Vera lives in Oslo.", "--branch", "Ann lives in Lima.",
                   "--route", "auto", "--gate", str(tmp_path / "eval" / "gate.json"), "--adapter", "none",
                   "--max-new-tokens", "4", "--model", str(tiny_folder), "--json")
