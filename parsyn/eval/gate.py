@@ -28,6 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..auto import SIGNALS, Gate, check_budget, risk
+from .run import CACHE_METHODS, TRAINED
 from .stats import RESAMPLES
 
 RECOMPUTE = "cache-recompute"
@@ -37,9 +38,10 @@ FIXED = ("text", "cache-parallel", "cache-sequential", "cache-trained", "cache-l
          "cache-recompute", "cacheblend", "ape", "relay")
 
 
-# The cache methods a gate can guard, with the layout `synthesize_auto` then runs (None: the synthesizer's own).
-GUARDED = {"cache-parallel": "parallel", "cache-sequential": "sequential", "cache-trained": None,
-           "cache-lora": "parallel", "cache-lora-seq": "sequential"}
+# The cache methods a gate can guard (the plain cache route, raw or trained), with the layout the evaluation ran
+# them in and `synthesize_auto` then runs (None: the synthesizer's own).
+GUARDED = {m: CACHE_METHODS[m]["layout"] for m in ("cache-parallel", "cache-sequential")} | {
+    m: layout for m, (_, layout) in TRAINED.items()}
 
 
 def half(item_id: str) -> int:
